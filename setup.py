@@ -1,0 +1,50 @@
+"""gqa-flax: grouped-query attention for T5.1.1 in JAX/Flax (Ainslie et al. 2023).
+
+Install with the pinned versions this project is tested with:
+    pip install -c constraints.txt -e ".[test,tpu,plot]"
+"""
+import setuptools
+
+setuptools.setup(
+    name="gqa-flax",
+    version="0.1.0",
+    description="Grouped-query attention (GQA) for T5.1.1 in JAX/Flax: models, "
+    "checkpoint conversion, T5X-style uptraining and the paper's experiments.",
+    packages=setuptools.find_packages(include=["gqa_flax", "gqa_flax.*"]),
+    package_data={"gqa_flax": ["../configs/**/*.gin"]},
+    python_requires=">=3.11,<3.12",
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "gin-config",
+        "seqio",
+        "tensorflow-cpu",
+        "tensorflow-datasets",
+        "importlib_resources",
+        "etils[epath]",
+        "tensorstore",
+        "safetensors",
+        "msgpack",
+        "clu",
+        "rouge-score",
+        "sacrebleu",
+        "sentencepiece",
+        "tqdm",
+        "psutil",
+    ],
+    extras_require={
+        # Independent references for tests (HF transformers' PyTorch T5).
+        "test": ["pytest", "torch==2.13.0", "transformers"],
+        # Ahead-of-time compilation for TPU topologies from a CPU machine.
+        "tpu": ["jax[tpu]==0.10.2"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "gqa-demo=gqa_flax.demo:main",
+        ],
+    },
+)
