@@ -1,0 +1,141 @@
+"""HF transformers T5 v1.1 checkpoints: `config.json` + `model.safetensors` (or shards).
+
+Read with numpy only (no torch): the safetensors header gives each tensor's dtype, shape and
+byte range, and each tensor is read on its own. HF stores linear weights as [out, in]; T5X
+kernels are [in, out], so they are transposed. The relative attention bias lives in block 0
+as [buckets, heads] and becomes `relpos_bias/rel_embedding` [heads, buckets].
+
+Output layer: T5 v1.1 has an untied `lm_head` and no output scaling. transformers 4 marks it
+`tie_word_embeddings: false`; transformers 5 always ties `lm_head` to `shared` (and saves no
+`lm_head.weight`) and marks v1.1 `scale_decoder_outputs: false`. Either way an unscaled model
+gets `decoder/logits_dense/kernel` (lm_head, else shared, transposed); only the original T5's
+scaled tied output maps to `logits_via_embedding=True`.
+"""
+import json
+import os
+import struct
+from typing import Dict, Tuple
+
+import ml_dtypes
+import numpy as np
+
+from gqa_flax.checkpoints.arrays import LazyArray
+from gqa_flax.models.config import T5Config
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
+# HF `feed_forward_proj` -> T5X `mlp_activations`.
+_ACTIVATIONS = {"gated-gelu": ("gelu", "linear"), "gated-silu": ("silu", "linear"),
+                "relu": ("relu",), "gelu": ("gelu",)}
+_ATTENTION = {"q": "query", "k": "key", "v": "value", "o": "out"}
+_MLP = ("wi", "wi_0", "wi_1", "wo")
+
+
+def is_hf_checkpoint(path: str) -> bool:
+  return os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_FILE)) and (
+      os.path.exists(os.path.join(path, WEIGHTS_FILE))
+      or os.path.exists(os.path.join(path, WEIGHTS_INDEX_FILE)))
+
+
+def config_from_hf(hf: dict) -> T5Config:
+  """T5Config from a HF T5 `config.json` dict."""
+  proj = hf.get("feed_forward_proj", "relu")
+  if proj not in _ACTIVATIONS:
+    raise ValueError(f"feed_forward_proj={proj!r} is not supported; expected one of "
+                     f"{sorted(_ACTIVATIONS)}")
+  layers = hf["num_layers"]
+  return T5Config(
+      vocab_size=hf["vocab_size"], emb_dim=hf["d_model"], num_heads=hf["num_heads"],
+      head_dim=hf["d_kv"], mlp_dim=hf["d_ff"], num_encoder_layers=layers,
+      num_decoder_layers=hf.get("num_decoder_layers") or layers,
+      num_kv_heads=hf.get("num_key_value_heads"), mlp_activations=_ACTIVATIONS[proj],
+      logits_via_embedding=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)),
+      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128))
+
+
+def safetensors_arrays(filename: str) -> Dict[str, LazyArray]:
+  """{tensor name: LazyArray} of one .safetensors file, from its header only."""
+  with open(filename, "rb") as f:
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(header_len))
+  header.pop("__metadata__", None)
+  arrays = {}
+  for name, info in header.items():
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{filename}: tensor {name} has unsupported dtype {info['dtype']}")
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+    shape = tuple(info["shape"])
+    start, end = info["data_offsets"]
+    offset = 8 + header_len + start
+
+    def read(offset=offset, count=(end - start) // dtype.itemsize, dtype=dtype, shape=shape):
+      return np.fromfile(filename, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    arrays[name] = LazyArray(shape, dtype, read)
+  return arrays
+
+
+def _transposed(array: LazyArray) -> LazyArray:
+  return LazyArray(array.shape[::-1], array.dtype, lambda: np.ascontiguousarray(array.read().T))
+
+
+def _t5x_name(hf_name: str) -> Tuple[str, bool]:
+  """HF tensor name -> (T5X '/'-joined name or '' to skip, whether to transpose)."""
+  parts = hf_name.removesuffix(".weight").split(".")
+  if parts == ["shared"]:
+    return "token_embedder/embedding", False
+  if parts == ["lm_head"]:
+    return "decoder/logits_dense/kernel", True
+  if parts[1:] == ["embed_tokens"]:
+    return "", False  # Copies of `shared` (HF ties them to it).
+  stack = parts[0]
+  if parts[1:] == ["final_layer_norm"]:
+    return f"{stack}/{stack}_norm/scale", False
+  _, _, block, _, sublayer, *rest = parts  # encoder.block.3.layer.1.<rest>
+  sublayer = int(sublayer)
+  if stack == "encoder":
+    kinds = ("attention", "mlp")
+    norms = ("pre_attention_layer_norm", "pre_mlp_layer_norm")
+  else:
+    kinds = ("self_attention", "encoder_decoder_attention", "mlp")
+    norms = ("pre_self_attention_layer_norm", "pre_cross_attention_layer_norm",
+             "pre_mlp_layer_norm")
+  prefix = f"{stack}/layers_{block}"
+  if rest == ["layer_norm"]:
+    return f"{prefix}/{norms[sublayer]}/scale", False
+  if rest[-1] == "relative_attention_bias":
+    return f"{stack}/relpos_bias/rel_embedding", True
+  if rest[-1] in _ATTENTION:
+    return f"{prefix}/{kinds[sublayer]}/{_ATTENTION[rest[-1]]}/kernel", True
+  if rest[-1] in _MLP:
+    return f"{prefix}/mlp/{rest[-1]}/kernel", True
+  raise ValueError(f"unexpected tensor {hf_name!r} in a HF T5 checkpoint")
+
+
+def open_hf(path: str) -> Tuple[T5Config, Dict[str, LazyArray]]:
+  """(config, {T5X name: LazyArray}) of a HF T5 v1.1 directory, reading no weights yet."""
+  with open(os.path.join(path, CONFIG_FILE)) as f:
+    config = config_from_hf(json.load(f))
+  index_file = os.path.join(path, WEIGHTS_INDEX_FILE)
+  if os.path.exists(index_file):
+    with open(index_file) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  else:
+    files = [WEIGHTS_FILE]
+  arrays = {}
+  for filename in files:
+    for hf_name, array in safetensors_arrays(os.path.join(path, filename)).items():
+      name, transpose = _t5x_name(hf_name)
+      if name:
+        arrays[name] = _transposed(array) if transpose else array
+  logits = "decoder/logits_dense/kernel"
+  if config.logits_via_embedding:
+    arrays.pop(logits, None)
+  elif logits not in arrays and "token_embedder/embedding" in arrays:
+    arrays[logits] = _transposed(arrays["token_embedder/embedding"])  # lm_head tied to shared.
+  return config, arrays

@@ -1,0 +1,64 @@
+"""Open any supported checkpoint as lazily read arrays; `load` reads them all.
+
+Formats (detected from the files):
+  'orbax'      our Orbax CheckpointManager layout (MODEL_DIR or one `checkpoint_<step>` of it)
+               and T5X's Orbax checkpoints (no `config` item: the config is inferred);
+  't5x_legacy' a T5X `checkpoint_<step>/` directory with the msgpack file `checkpoint`, or that
+               msgpack file itself;
+  'hf'         a HF transformers T5 v1.1 directory (config.json + model.safetensors).
+"""
+import dataclasses
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from gqa_flax.checkpoints import hf
+from gqa_flax.checkpoints.arrays import LazyArray, unflatten
+from gqa_flax.checkpoints.shapes import check_shapes
+from gqa_flax.models.config import T5Config
+
+
+@dataclasses.dataclass
+class CheckpointSource:
+  """A checkpoint whose parameters have not been read yet."""
+  path: str
+  format: str
+  config: T5Config
+  arrays: Dict[str, LazyArray]  # T5X names joined by '/' -> parameter.
+  step: Optional[int] = None
+  metadata: Optional[Dict[str, Any]] = None
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+  config: T5Config
+  params: Dict[str, Any]  # Nested dict of numpy arrays, T5X names.
+  step: Optional[int] = None
+  metadata: Optional[Dict[str, Any]] = None
+
+
+def open_checkpoint(path: str) -> CheckpointSource:
+  """Detects the format of `path` and lists its parameters; checks names and shapes."""
+  if hf.is_hf_checkpoint(path):
+    config, arrays = hf.open_hf(path)
+    source = CheckpointSource(path, "hf", config, arrays)
+  else:
+    raise ValueError(
+        f"{path} is not a recognised checkpoint: expected an Orbax checkpoint directory, a T5X "
+        f"checkpoint_<step> directory (or its msgpack file), or a HF T5 directory with "
+        f"{hf.CONFIG_FILE} and {hf.WEIGHTS_FILE}")
+  check_shapes(source.config, {n: a.shape for n, a in source.arrays.items()}, path)
+  return source
+
+
+def load_checkpoint(path: str) -> LoadedCheckpoint:
+  """Reads the whole checkpoint at `path` (any supported format) into memory."""
+  source = open_checkpoint(path)
+  params = unflatten({name: np.asarray(array.read()) for name, array in source.arrays.items()})
+  return LoadedCheckpoint(source.config, params, source.step, source.metadata)
+
+
+def load(path: str):
+  """-> (T5Config, params) of the checkpoint at `path`; params is a nested dict of arrays."""
+  checkpoint = load_checkpoint(path)
+  return checkpoint.config, checkpoint.params
