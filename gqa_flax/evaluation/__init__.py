@@ -1,0 +1,1 @@
+"""Evaluation metrics for the paper's fine-tuning tasks."""

@@ -1,0 +1,104 @@
+"""T5's metrics against values counted by hand."""
+import collections
+import math
+
+import pytest
+
+from gqa_flax.evaluation import metrics
+
+
+def test_rouge_on_a_prefix_counts_unigram_and_bigram_overlap():
+  # Target: the cat sat on the mat (6 unigrams, 5 bigrams); prediction: the
+  # cat sat (3 unigrams, 2 bigrams), all of which occur in the target.
+  scores = metrics.rouge(["the cat sat on the mat"], ["the cat sat"])
+  # rouge1: P = 3/3, R = 3/6 -> F = 2/3. rouge2: P = 2/2, R = 2/5 -> F = 4/7.
+  # rougeLsum: LCS 'the cat sat' = 3 tokens -> same as rouge1.
+  assert scores["rouge1"] == pytest.approx(100 * 2 / 3)
+  assert scores["rouge2"] == pytest.approx(100 * 4 / 7)
+  assert scores["rougeLsum"] == pytest.approx(100 * 2 / 3)
+
+
+def test_rouge_lsum_splits_sentences_at_space_period_space():
+  # As one sentence the LCS of 'oil rose gas fell' and 'gas fell oil rose' is
+  # 2 of 4 tokens (F = 50); split at ' . ' each target sentence is matched by
+  # a predicted one, so the summary-level LCS is 4 of 4.
+  scores = metrics.rouge(["oil rose . gas fell"], ["gas fell . oil rose"])
+  assert scores["rouge1"] == pytest.approx(100)
+  # Bigrams 'oil rose', 'rose gas', 'gas fell' vs 'gas fell', 'fell oil',
+  # 'oil rose': 2 of 3 shared.
+  assert scores["rouge2"] == pytest.approx(100 * 2 / 3)
+  assert scores["rougeLsum"] == pytest.approx(100)
+  unsplit = metrics.rouge(["oil rose gas fell"], ["gas fell oil rose"])
+  assert unsplit["rougeLsum"] == pytest.approx(50)
+
+
+def test_rouge_uses_no_stemmer():
+  assert metrics.rouge(["prices rising"], ["price rise"])["rouge1"] == 0
+
+
+def _reference_bleu(hypotheses, references):
+  """Plain corpus BLEU (whitespace tokens, one reference, no smoothing)."""
+  matches, totals = [0] * 4, [0] * 4
+  for hypothesis, reference in zip(hypotheses, references):
+    hyp, ref = hypothesis.split(), reference.split()
+    for n in range(1, 5):
+      hyp_ngrams = collections.Counter(zip(*[hyp[i:] for i in range(n)]))
+      ref_ngrams = collections.Counter(zip(*[ref[i:] for i in range(n)]))
+      matches[n - 1] += sum((hyp_ngrams & ref_ngrams).values())
+      totals[n - 1] += max(len(hyp) - n + 1, 0)
+  hyp_len = sum(len(h.split()) for h in hypotheses)
+  ref_len = sum(len(r.split()) for r in references)
+  brevity_penalty = min(1.0, math.exp(1 - ref_len / hyp_len))
+  log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
+  return 100 * brevity_penalty * math.exp(log_precision)
+
+
+def test_bleu_of_identical_corpus_is_100():
+  corpus = ["Das Haus ist klein.", "Der Hund bellt laut, sagt sie."]
+  assert metrics.bleu(corpus, corpus)["bleu"] == pytest.approx(100)
+
+
+def test_bleu_matches_hand_counted_ngrams_and_brevity_penalty():
+  reference, hypothesis = "the cat sat on a red mat", "the cat sat on the mat"
+  # Clipped matches / hypothesis n-grams: 5/6, 3/5, 2/4, 1/3; the hypothesis
+  # has 6 tokens against 7, so the brevity penalty is exp(1 - 7/6).
+  expected = 100 * math.exp(1 - 7 / 6) * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3)**0.25
+  assert _reference_bleu([hypothesis], [reference]) == pytest.approx(expected)
+  assert metrics.bleu([reference], [hypothesis])["bleu"] == pytest.approx(
+      expected, abs=1e-6)
+
+
+def test_bleu_is_a_corpus_score_not_a_mean_of_sentence_scores():
+  references = ["the cat sat on a red mat", "a dog barked at the old postman"]
+  hypotheses = ["the cat sat on the mat", "a dog barked at the postman today"]
+  assert metrics.bleu(references, hypotheses)["bleu"] == pytest.approx(
+      _reference_bleu(hypotheses, references), abs=1e-6)
+
+
+@pytest.mark.parametrize("answer, normalized", [
+    ("The Beatles", "beatles"),
+    ("  An  Apple's   core ", "apples core"),
+    ("U.S.A.", "usa"),
+    ("Campbell-Bannerman", "campbellbannerman"),
+    ("‘Sunset Blvd.’", "sunset blvd"),
+    ("theatre", "theatre"),
+])
+def test_trivia_qa_normalization(answer, normalized):
+  assert metrics.normalize_trivia_qa(answer) == normalized
+
+
+def test_trivia_qa_takes_the_best_alias_and_averages_questions():
+  targets = [["Sunset Boulevard", "Sunset Blvd."], ["Sunset Boulevard"]]
+  # Q1: 'the sunset blvd' normalizes to the second alias: EM 1, F1 1.
+  # Q2: 'sunset strip' vs 'sunset boulevard': 1 common token of 2 each -> F1
+  # 1/2, EM 0.
+  scores = metrics.trivia_qa(targets, ["The Sunset Blvd", "sunset strip"])
+  assert scores["em"] == pytest.approx(50)
+  assert scores["f1"] == pytest.approx(75)
+
+
+def test_metrics_reject_mismatched_lengths_and_string_targets():
+  with pytest.raises(ValueError, match="2 targets but 1 predictions"):
+    metrics.rouge(["a", "b"], ["a"])
+  with pytest.raises(ValueError, match="lists of answer aliases"):
+    metrics.trivia_qa(["York"], ["York"])
