@@ -1,0 +1,69 @@
+"""The T5 SentencePiece vocabulary (32000 pieces + 100 sentinels) used by all tasks.
+
+Its file is looked up when the vocabulary is first used, not when a task is
+registered, so registering tasks never needs the file. The path comes from, in
+order: gin (`gqa_flax.data.vocab.vocabulary_path.path = "..."`), the flag
+`--gqa_vocab_path`, the environment variable `GQA_VOCAB_PATH`, else T5's public
+`gs://t5-data/vocabs/cc_all.32000/sentencepiece.model`.
+"""
+import os
+
+from absl import flags
+import gin
+import seqio
+import tensorflow as tf
+
+DEFAULT_VOCAB_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+EXTRA_IDS = 100
+VOCAB_PATH_ENV = "GQA_VOCAB_PATH"
+
+_VOCAB_PATH_FLAG = flags.DEFINE_string(
+    "gqa_vocab_path", None,
+    f"SentencePiece model of the T5 vocabulary (default: ${VOCAB_PATH_ENV} or "
+    f"{DEFAULT_VOCAB_PATH}).")
+
+_HOW_TO_SET = (f"set it with gin `gqa_flax.data.vocab.vocabulary_path.path = "
+               f"\"/path/sentencepiece.model\"`, the flag --gqa_vocab_path or "
+               f"the environment variable {VOCAB_PATH_ENV}")
+
+
+@gin.configurable
+def vocabulary_path(path=None):
+  """The SentencePiece model file: gin `path`, flag, environment or default."""
+  if path:
+    return path
+  if flags.FLAGS.is_parsed() and _VOCAB_PATH_FLAG.value:
+    return _VOCAB_PATH_FLAG.value
+  return os.environ.get(VOCAB_PATH_ENV) or DEFAULT_VOCAB_PATH
+
+
+class LazyPathVocabulary(seqio.SentencePieceVocabulary):
+  """A SentencePieceVocabulary whose file is resolved and checked on first use."""
+
+  def __init__(self, path=None, extra_ids=EXTRA_IDS):
+    super().__init__(path, extra_ids=extra_ids)
+
+  @property
+  def sentencepiece_model_file(self):
+    return self._sentencepiece_model_file or vocabulary_path()
+
+  def _model_context(self):
+    if self._model is None:
+      path = self.sentencepiece_model_file
+      if "://" not in path and not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"SentencePiece vocabulary not found at {path}; {_HOW_TO_SET}.")
+      self._sentencepiece_model_file = path
+      try:
+        return super()._model_context()
+      except tf.errors.NotFoundError as e:
+        raise FileNotFoundError(
+            f"SentencePiece vocabulary not readable at {path} ({e.message}); "
+            f"{_HOW_TO_SET}.") from e
+    return self._model
+
+
+@gin.configurable
+def get_vocabulary(path=None):
+  """T5's vocabulary with 100 extra ids; `path` defaults to `vocabulary_path()`."""
+  return LazyPathVocabulary(path)
