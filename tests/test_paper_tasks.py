@@ -17,6 +17,7 @@ import tarfile
 from unittest import mock
 import xml.etree.ElementTree as ET
 
+from absl.testing import flagsaver
 import gin
 import pytest
 import seqio
@@ -29,6 +30,7 @@ from gqa_flax.data import tasks
 from gqa_flax.data import vocab
 
 SPLITS = ("train", "validation", "test")
+GIN_VOCAB_PATH = "gqa_flax.data.vocab.vocabulary_path.path"
 TFDS_NAMES = {name: tfds_name
               for name, tfds_name, *_ in tasks.TFDS_SUMMARIZATION_TASKS}
 CNN_URL_LISTS = {"train": "train_urls", "validation": "val_urls",
@@ -126,7 +128,7 @@ def scientific_papers_files(root, papers):
 
 
 def multi_news_files(root, articles):
-  """`*.src.cleaned` (documents joined by |||||) and `*.tgt`, two per example."""
+  """`*.src.cleaned` (documents joined by |||||) and `*.tgt`; 2 per example."""
   root.mkdir()
   pairs = [articles[i:i + 2] for i in range(0, 8, 2)]
   downloads, expected = {}, {}
@@ -145,7 +147,7 @@ def multi_news_files(root, articles):
 
 
 def trivia_qa_files(root):
-  """The allennlp sample (qa/*.json, evidence/) plus a test file without answers.
+  """The allennlp sample (qa/*.json, evidence/) and a test file without answers.
 
   Also returns the validation answers as (value, *aliases) tuples.
 
@@ -218,7 +220,7 @@ def build_tfds(tfds_name, data_dir, downloads):
 
 
 def train_vocabulary(path, articles):
-  """A small T5-style unigram SentencePiece model; byte fallback decodes exactly."""
+  """A small T5-style unigram SentencePiece model that decodes exactly."""
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter([body for _, body in articles]),
       model_prefix=str(path), vocab_size=800, model_type="unigram",
@@ -275,7 +277,7 @@ def task_examples(name, split):
 
 
 def assert_tokenized(example, vocabulary, lengths):
-  """Each feature is the vocabulary's encoding, trimmed to fit EOS at the end."""
+  """Each feature is the vocabulary's encoding, trimmed to end in EOS."""
   for feature, length in lengths.items():
     text = example[f"{feature}_pretokenized"].decode()
     tokens = list(example[feature])
@@ -358,7 +360,8 @@ def test_unprepared_tfds_dataset_says_how_to_prepare_it(prepared):
   task = seqio.get_mixture_or_task("gqa_wmt14_ende")
   with pytest.raises(FileNotFoundError, match=(
       r"wmt14_translate/de-en:1.0.0 is not prepared in .*tensorflow_datasets"
-      r".*tfds build wmt14_translate/de-en --data_dir=.*--tfds_data_dir")):
+      r".*tfds build wmt14_translate/de-en:1.0.0 --data_dir=.*"
+      r"--tfds_data_dir")):
     task.get_dataset(sequence_length=tasks.PAPER_FEATURE_LENGTHS[
         "gqa_wmt14_ende"], split="validation")
 
@@ -385,16 +388,19 @@ def test_missing_vocabulary_is_named_only_when_used(monkeypatch, tmp_path):
     vocabulary.encode("oil prices")
 
 
-def test_vocabulary_path_precedence_gin_then_environment_then_default(
+def test_vocabulary_path_precedence_gin_flag_environment_default(
     monkeypatch):
   monkeypatch.delenv(vocab.VOCAB_PATH_ENV, raising=False)
   assert vocab.vocabulary_path() == vocab.DEFAULT_VOCAB_PATH
   monkeypatch.setenv(vocab.VOCAB_PATH_ENV, "/from/env.model")
   assert vocab.get_vocabulary().sentencepiece_model_file == "/from/env.model"
-  with gin.unlock_config():
-    gin.bind_parameter("gqa_flax.data.vocab.vocabulary_path.path",
-                       "/from/gin.model")
-  try:
-    assert vocab.get_vocabulary().sentencepiece_model_file == "/from/gin.model"
-  finally:
-    gin.clear_config()
+  with flagsaver.flagsaver(gqa_vocab_path="/from/flag.model"):
+    assert vocab.get_vocabulary().sentencepiece_model_file == "/from/flag.model"
+    with gin.unlock_config():
+      gin.bind_parameter(GIN_VOCAB_PATH, "/from/gin.model")
+    try:
+      assert vocab.get_vocabulary().sentencepiece_model_file == (
+          "/from/gin.model")
+    finally:
+      with gin.unlock_config():
+        gin.bind_parameter(GIN_VOCAB_PATH, None)

@@ -5,10 +5,11 @@ gqa_multi_news; translation (BLEU): gqa_wmt14_ende; question answering (EM/F1):
 gqa_trivia_qa. Inputs are T5-style text-to-text strings ("summarize: ...",
 "translate English to German: ...", "trivia_qa question: ... context: ...").
 
-TFDS datasets are read, never downloaded: prepare them with `tfds build NAME
---data_dir=DIR` and pass DIR as --tfds_data_dir (seqio.set_tfds_data_dir_override).
-MediaSum is read from its official JSON files (its TFDS builder needs Apache
-Beam): put them in a directory named by gin `mediasum_dir.path` or $GQA_MEDIASUM_DIR.
+TFDS datasets are read, never downloaded: prepare them with
+`tfds build NAME:VERSION --data_dir=DIR` and pass DIR as --tfds_data_dir
+(seqio.set_tfds_data_dir_override). MediaSum is read from its official JSON
+files (its TFDS builder needs Apache Beam) in the directory named by gin
+`mediasum_dir.path` or $GQA_MEDIASUM_DIR.
 """
 import functools
 import json
@@ -61,8 +62,8 @@ class PreparedTfdsDataSource(seqio.TfdsDataSource):
       name = self.tfds_dataset.name
       raise FileNotFoundError(
           f"TFDS dataset {name} is not prepared in {builder.data_dir_root}: "
-          f"run `tfds build {name.split(':')[0]} "
-          f"--data_dir={builder.data_dir_root}`, or pass --tfds_data_dir "
+          f"run `tfds build {name} --data_dir={builder.data_dir_root}`, or "
+          "pass --tfds_data_dir "
           "(seqio.set_tfds_data_dir_override) naming a directory that has it.")
 
   def get_dataset(self, split, *args, **kwargs):
@@ -113,7 +114,7 @@ def trivia_qa_answers(answer, example=None, is_target=False):
 
 @gin.configurable
 def mediasum_dir(path=None):
-  """Directory of MediaSum's news_dialogue.json and train_val_test_split.json."""
+  """The directory of MediaSum's two official JSON files."""
   path = path or os.environ.get(MEDIASUM_DIR_ENV)
   how_to = (f"download {' and '.join(MEDIASUM_FILES)} from "
             "https://github.com/zcgzcgzcg1/MediaSum into a directory and name "
@@ -186,7 +187,7 @@ def summarize(input_key, target_key):
 
 
 def register_paper_tasks():
-  """Registers the seven tasks of the paper (replacing earlier registrations)."""
+  """Registers the paper's seven tasks, replacing earlier registrations."""
   for name in PAPER_FEATURE_LENGTHS:
     seqio.TaskRegistry.remove(name)
   for name, tfds_name, input_key, target_key in TFDS_SUMMARIZATION_TASKS:

@@ -1,4 +1,4 @@
-"""The T5 SentencePiece vocabulary (32000 pieces + 100 sentinels) used by all tasks.
+"""T5's SentencePiece vocabulary (32000 pieces + 100 sentinels) for all tasks.
 
 Its file is looked up when the vocabulary is first used, not when a task is
 registered, so registering tasks never needs the file. The path comes from, in
@@ -32,13 +32,14 @@ def vocabulary_path(path=None):
   """The SentencePiece model file: gin `path`, flag, environment or default."""
   if path:
     return path
-  if flags.FLAGS.is_parsed() and _VOCAB_PATH_FLAG.value:
-    return _VOCAB_PATH_FLAG.value
+  flag_value = flags.FLAGS[_VOCAB_PATH_FLAG.name].value  # None until parsed.
+  if flag_value:
+    return flag_value
   return os.environ.get(VOCAB_PATH_ENV) or DEFAULT_VOCAB_PATH
 
 
 class LazyPathVocabulary(seqio.SentencePieceVocabulary):
-  """A SentencePieceVocabulary whose file is resolved and checked on first use."""
+  """A SentencePieceVocabulary whose file is found and checked on first use."""
 
   def __init__(self, path=None, extra_ids=EXTRA_IDS):
     super().__init__(path, extra_ids=extra_ids)
@@ -65,5 +66,5 @@ class LazyPathVocabulary(seqio.SentencePieceVocabulary):
 
 @gin.configurable
 def get_vocabulary(path=None):
-  """T5's vocabulary with 100 extra ids; `path` defaults to `vocabulary_path()`."""
+  """T5's vocabulary, 100 extra ids; `path` defaults to `vocabulary_path()`."""
   return LazyPathVocabulary(path)

@@ -1,4 +1,4 @@
-"""Metrics as T5 computes them (`t5/evaluation/metrics.py`), in seqio's signature.
+"""Metrics as T5 computes them (t5/evaluation/metrics.py), seqio signature.
 
 Every function takes `(targets, predictions)` and returns a dict of floats on a
 0-100 scale.
@@ -14,7 +14,8 @@ from rouge_score import scoring
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeLsum")
 # The official TriviaQA evaluation strips these besides ASCII punctuation.
-TRIVIA_QA_PUNCTUATION = frozenset(string.punctuation) | {"‘", "’", "´", "`", "_"}
+TRIVIA_QA_PUNCTUATION = frozenset(string.punctuation) | {
+    "‘", "’", "´", "`", "_"}
 
 
 def _split_sentences_for_rouge(summary):
