@@ -143,15 +143,17 @@ def mediasum_dataset(split, shuffle_files=False, seed=None):
     split_ids = set(json.load(f)[MEDIASUM_SPLITS[split]])
   with open(os.path.join(directory, MEDIASUM_FILES[0])) as f:
     dialogues = [d for d in json.load(f) if d["id"] in split_ids]
-  examples = {
-      "id": [d["id"] for d in dialogues],
-      "dialogue": [mediasum_dialogue_text(d) for d in dialogues],
-      "summary": [d["summary"] for d in dialogues],
-  }
-  dataset = tf.data.Dataset.from_tensor_slices(
-      {key: tf.constant(values, tf.string) for key, values in examples.items()})
+
+  def examples():  # A generator: MediaSum's train split exceeds 1 GB of text.
+    for d in dialogues:
+      yield {"id": d["id"], "dialogue": mediasum_dialogue_text(d),
+             "summary": d["summary"]}
+
+  dataset = tf.data.Dataset.from_generator(examples, output_signature={
+      key: tf.TensorSpec((), tf.string) for key in ("id", "dialogue", "summary")
+  })
   if shuffle_files:
-    dataset = dataset.shuffle(len(dialogues), seed=seed)
+    dataset = dataset.shuffle(max(len(dialogues), 1), seed=seed)
   return dataset
 
 
