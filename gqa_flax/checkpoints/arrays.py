@@ -19,8 +19,12 @@ class LazyArray:
   read: Callable[[], np.ndarray]
 
   @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
   def nbytes(self) -> int:
-    return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+    return self.size * np.dtype(self.dtype).itemsize
 
 
 def in_memory(array: np.ndarray) -> LazyArray:

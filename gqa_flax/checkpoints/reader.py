@@ -12,9 +12,9 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from gqa_flax.checkpoints import hf
+from gqa_flax.checkpoints import hf, orbax_format, t5x_legacy
 from gqa_flax.checkpoints.arrays import LazyArray, unflatten
-from gqa_flax.checkpoints.shapes import check_shapes
+from gqa_flax.checkpoints.shapes import check_shapes, config_from_shapes
 from gqa_flax.models.config import T5Config
 
 
@@ -42,11 +42,19 @@ def open_checkpoint(path: str) -> CheckpointSource:
   if hf.is_hf_checkpoint(path):
     config, arrays = hf.open_hf(path)
     source = CheckpointSource(path, "hf", config, arrays)
+  elif orbax_format.step_dir(path):
+    config, arrays, step, metadata = orbax_format.open_orbax(path)
+    source = CheckpointSource(path, "orbax", config, arrays, step, metadata)
+  elif t5x_legacy.msgpack_file(path):
+    arrays, step = t5x_legacy.open_t5x_legacy(path)
+    source = CheckpointSource(path, "t5x_legacy", None, arrays, step)
   else:
     raise ValueError(
         f"{path} is not a recognised checkpoint: expected an Orbax checkpoint directory, a T5X "
         f"checkpoint_<step> directory (or its msgpack file), or a HF T5 directory with "
         f"{hf.CONFIG_FILE} and {hf.WEIGHTS_FILE}")
+  if source.config is None:  # T5X checkpoints store no config.
+    source.config = config_from_shapes({n: a.shape for n, a in source.arrays.items()}, path)
   check_shapes(source.config, {n: a.shape for n, a in source.arrays.items()}, path)
   return source
 

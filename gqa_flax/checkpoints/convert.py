@@ -1,0 +1,161 @@
+"""Multi-head -> GQA-G / MQA checkpoint conversion (paper section 2.1, Figure 4 ablation).
+
+Only the decoder's `self_attention` and `encoder_decoder_attention` key/value kernels change,
+from [emb, H*head_dim] to [emb, G*head_dim]; everything else is copied bit for bit. Groups are
+contiguous (query head h -> group h // (H/G)), as at run time:
+
+  mean    each group's K/V projection is the mean of its heads' projections;
+  first   each group keeps its first head's projection;
+  random  fresh weights from the model's own key/value initializer (seeded per array).
+
+Streaming: each array is read, converted and written on its own (`LazyArray`s written by
+Orbax through `orbax_format.LazyArrayHandler`), so memory is bounded by a few of the largest
+arrays, not by the checkpoint. DST is written to a temporary sibling and renamed at the end.
+Optimizer state is not carried over (uptraining restarts it, as T5X's sparse upcycling does).
+"""
+import itertools
+import os
+import re
+import shutil
+import zlib
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax.linen import meta
+from tqdm import tqdm
+
+from gqa_flax.checkpoints import orbax_format
+from gqa_flax.checkpoints.arrays import LazyArray, unflatten
+from gqa_flax.checkpoints.reader import CheckpointSource, open_checkpoint
+from gqa_flax.models.attention import MultiHeadDotProductAttention
+from gqa_flax.models.config import T5Config
+
+METHODS = ("mean", "first", "random")
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_KV_KERNEL = re.compile(
+    r"decoder/layers_\d+/(self_attention|encoder_decoder_attention)/(key|value)/kernel")
+
+
+def _grouped(kernel: np.ndarray, num_kv_heads: int, head_dim: int) -> np.ndarray:
+  """[emb, H*head_dim] -> [emb, G, H/G, head_dim] (contiguous groups of heads)."""
+  emb, joined = kernel.shape
+  return kernel.reshape(emb, num_kv_heads, joined // head_dim // num_kv_heads, head_dim)
+
+
+def mean_pool_kv(kernel: np.ndarray, num_kv_heads: int, head_dim: int) -> np.ndarray:
+  """[emb, H*head_dim] -> [emb, G*head_dim]: the mean of each group's heads."""
+  grouped = _grouped(kernel, num_kv_heads, head_dim)
+  mean = grouped.astype(np.float64).mean(axis=2).astype(kernel.dtype)
+  return mean.reshape(kernel.shape[0], -1)
+
+
+def first_head_kv(kernel: np.ndarray, num_kv_heads: int, head_dim: int) -> np.ndarray:
+  """[emb, H*head_dim] -> [emb, G*head_dim]: each group's first head."""
+  return np.ascontiguousarray(_grouped(kernel, num_kv_heads, head_dim)[:, :, 0]).reshape(
+      kernel.shape[0], -1)
+
+
+def random_kv(name: str, config: T5Config, num_kv_heads: int, seed: int) -> np.ndarray:
+  """A fresh [emb, G*head_dim] K/V kernel from the model's own initializer.
+
+  The PRNG key is `fold_in(PRNGKey(seed), crc32(name))`, so each array gets its own draw.
+  """
+  rng = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
+  layer = MultiHeadDotProductAttention(config.num_heads, num_kv_heads, config.head_dim)
+  x = jnp.zeros((1, 1, config.emb_dim), jnp.float32)
+  params = meta.unbox(layer.init(rng, x, x, None)["params"])
+  return np.asarray(params[name.split("/")[-2]]["kernel"])
+
+
+def _converted(name: str, array: LazyArray, config: T5Config, num_kv_heads: int, method: str,
+               seed: int) -> LazyArray:
+  """The LazyArray of the GQA kernel made from the multi-head kernel `array`."""
+  source_heads = array.shape[1] // config.head_dim
+  if source_heads % num_kv_heads:
+    raise ValueError(f"{name} has {source_heads} key/value heads, which {num_kv_heads} groups "
+                     f"do not divide")
+  shape = (array.shape[0], num_kv_heads * config.head_dim)
+  if method == "random":
+    return LazyArray(shape, array.dtype,
+                     lambda: random_kv(name, config, num_kv_heads, seed).astype(array.dtype))
+  pool = mean_pool_kv if method == "mean" else first_head_kv
+  return LazyArray(shape, array.dtype, lambda: pool(array.read(), num_kv_heads, config.head_dim))
+
+
+def _cast(array: LazyArray, dtype: Optional[np.dtype]) -> LazyArray:
+  """Floating arrays cast to `dtype` (None: kept as stored)."""
+  if dtype is None or array.dtype == dtype or not jnp.issubdtype(array.dtype, jnp.floating):
+    return array
+  return LazyArray(array.shape, dtype, lambda: array.read().astype(dtype))
+
+
+def convert_arrays(source: CheckpointSource, num_kv_heads: int,
+                   cross_num_kv_heads: Optional[int] = None, method: str = "mean", seed: int = 0,
+                   dtype: Optional[str] = None):
+  """(GQA T5Config, {name: LazyArray}) of `source` converted; nothing is read yet."""
+  if method not in METHODS:
+    raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+  if dtype is not None and dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+  cross = num_kv_heads if cross_num_kv_heads is None else cross_num_kv_heads
+  config = source.config.replace(num_kv_heads=num_kv_heads, cross_num_kv_heads=cross)
+  arrays = {}
+  for name, array in source.arrays.items():
+    match = _KV_KERNEL.fullmatch(name)
+    if match:
+      groups = num_kv_heads if match.group(1) == "self_attention" else cross
+      array = _converted(name, array, source.config, groups, method, seed)
+    arrays[name] = _cast(array, DTYPES.get(dtype))
+  return config, arrays
+
+
+def _with_progress(arrays: Dict[str, LazyArray], bar: tqdm) -> Dict[str, LazyArray]:
+  """The same arrays, each advancing `bar` by its bytes once read."""
+  done = itertools.count(1)
+
+  def tracked(array):
+    def read():
+      value = array.read()
+      bar.set_postfix_str(f"{next(done)}/{len(arrays)} arrays", refresh=False)
+      bar.update(array.nbytes)
+      return value
+    return LazyArray(array.shape, array.dtype, read)
+
+  return {name: tracked(array) for name, array in arrays.items()}
+
+
+def convert_checkpoint(src: str, dst: str, num_kv_heads: int,
+                       cross_num_kv_heads: Optional[int] = None, method: str = "mean",
+                       seed: int = 0, dtype: Optional[str] = None, overwrite: bool = False,
+                       progress: bool = True) -> T5Config:
+  """Converts checkpoint `src` (any supported format) into the Orbax checkpoint `dst`.
+
+  Returns the GQA config. `dst` appears only once complete (temporary sibling, then rename).
+  """
+  src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
+  if os.path.exists(dst_abs) and not overwrite:
+    raise FileExistsError(f"DST {dst} exists; pass --overwrite to replace it")
+  if (dst_abs + os.sep).startswith(src_abs + os.sep) or (src_abs + os.sep).startswith(dst_abs + os.sep):
+    raise ValueError(f"DST {dst} overlaps SRC {src}; the source is never modified")
+  source = open_checkpoint(src)
+  config, arrays = convert_arrays(source, num_kv_heads, cross_num_kv_heads, method, seed, dtype)
+  step = source.step or 0
+  metadata = {"source_path": src_abs, "source_format": source.format, "source_step": source.step,
+              "method": method, "num_kv_heads": config.num_kv_heads,
+              "cross_num_kv_heads": config.cross_num_kv_heads, "seed": seed}
+  tmp = f"{dst_abs}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  total = sum(array.nbytes for array in arrays.values())
+  try:
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"{config.attention_name}",
+              disable=not progress) as bar:
+      orbax_format.save(tmp, step, unflatten(_with_progress(arrays, bar)), config, metadata)
+    if os.path.exists(dst_abs):
+      shutil.rmtree(dst_abs)
+    os.rename(tmp, dst_abs)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return config

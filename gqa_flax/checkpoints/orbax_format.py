@@ -1,0 +1,129 @@
+"""Our Orbax checkpoint layout (shared with the trainer), written and read array by array.
+
+MODEL_DIR is managed by `orbax.checkpoint.CheckpointManager(MODEL_DIR,
+options=CheckpointManagerOptions(step_prefix='checkpoint'))`; step `s` lives in
+`MODEL_DIR/checkpoint_<s>/` with the composite items
+
+  state     PyTree {'target': params (T5X names), 'state': {'step', 'param_states'}}
+            (T5X's own Orbax checkpoints use the same item; converted checkpoints carry no
+            optimizer state, so `param_states` is absent);
+  config    JSON `config_to_dict(T5Config)` (T5X checkpoints have none: it is inferred);
+  metadata  JSON provenance of a converted checkpoint (optional).
+
+Writing streams: `save` accepts LazyArray leaves, and `LazyArrayHandler` reads, writes and
+drops them one at a time inside Orbax's own serialization, so the files are exactly what
+Orbax writes for numpy arrays (type 'np.ndarray') and any Orbax restore reads them.
+Reading streams too: `open_orbax` lists arrays from the checkpoint's metadata and reads each
+with a partial restore of that one leaf.
+"""
+import os
+import re
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
+
+from gqa_flax.checkpoints.arrays import LazyArray, flatten, unflatten
+from gqa_flax.models.config import T5Config, config_from_dict, config_to_dict
+
+STEP_PREFIX = "checkpoint"
+STATE_ITEM = "state"
+CONFIG_ITEM = "config"
+METADATA_ITEM = "metadata"
+PARAMS_KEY = "target"
+
+
+class LazyArrayHandler(type_handlers.NumpyHandler):
+  """Orbax TypeHandler writing LazyArrays as numpy arrays, one array in memory at a time."""
+
+  def __init__(self):
+    super().__init__(deepcopy_host_arrays=False)
+
+  async def _background_serialize(self, values, infos, args=None):
+    args = args or [ocp.SaveArgs()] * len(values)
+    for value, info, arg in zip(values, infos, args):
+      await super()._background_serialize([value.read()], [info], [arg])
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's PyTree handler that also writes LazyArrays (a private registry: no global change)."""
+  defaults = [(ty, ocp.type_handlers.get_type_handler(ty))
+              for ty in (int, float, bytes, np.number, np.ndarray, jax.Array, str)]
+  registry = type_handler_registry.create_type_handler_registry(
+      (LazyArray, LazyArrayHandler()), *defaults)
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(step_prefix=STEP_PREFIX),
+      item_handlers={STATE_ITEM: _state_handler(), CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+                     METADATA_ITEM: ocp.JsonCheckpointHandler()})
+
+
+def save(directory: str, step: int, params: Dict[str, Any], config: T5Config,
+         metadata: Optional[Dict[str, Any]] = None) -> None:
+  """Writes `params` (nested dict of arrays or LazyArrays) as step `step` of MODEL_DIR `directory`."""
+  items = {STATE_ITEM: ocp.args.PyTreeSave({PARAMS_KEY: params, "state": {"step": np.int64(step)}}),
+           CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(config))}
+  if metadata is not None:
+    items[METADATA_ITEM] = ocp.args.JsonSave(metadata)
+  with checkpoint_manager(directory) as manager:
+    manager.save(step, args=ocp.args.Composite(**items))
+    manager.wait_until_finished()
+
+
+def _is_step_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, STATE_ITEM, "_METADATA"))
+
+
+def step_dir(path: str) -> Optional[str]:
+  """The step directory of an Orbax checkpoint at `path` (MODEL_DIR: latest step), or None."""
+  if _is_step_dir(path):
+    return path
+  if not os.path.isdir(path) or not any(
+      _is_step_dir(os.path.join(path, name)) for name in os.listdir(path)):
+    return None
+  with checkpoint_manager(path) as manager:
+    step = manager.latest_step()
+  return None if step is None else os.path.join(path, f"{STEP_PREFIX}_{step}")
+
+
+def _read_json(directory: str) -> Optional[dict]:
+  if not os.path.isdir(directory):
+    return None
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(directory)
+
+
+def _leaf_reader(state_dir: str, name: str, metadata) -> LazyArray:
+  """A LazyArray reading only the parameter `name` ('a/b/c' under 'target')."""
+  keys = [PARAMS_KEY] + name.split("/")
+
+  def read():
+    item = unflatten({"/".join(keys): 0})
+    restore_args = unflatten({"/".join(keys): ocp.RestoreArgs(restore_type=np.ndarray)})
+    tree = ocp.PyTreeCheckpointer().restore(
+        state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                partial_restore=True))
+    for key in keys:
+      tree = tree[key]
+    return np.asarray(tree)
+
+  return LazyArray(tuple(metadata.shape), np.dtype(metadata.dtype), read)
+
+
+def open_orbax(path: str) -> Tuple[Optional[T5Config], Dict[str, LazyArray], int, Optional[dict]]:
+  """(config or None for T5X's, {name: LazyArray}, step, metadata) of an Orbax checkpoint."""
+  directory = step_dir(path)
+  state_dir = os.path.join(directory, STATE_ITEM)
+  tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  if PARAMS_KEY not in tree:
+    raise ValueError(f"{state_dir}: no '{PARAMS_KEY}' (parameters) in the Orbax state item")
+  arrays = {name: _leaf_reader(state_dir, name, leaf)
+            for name, leaf in flatten(tree[PARAMS_KEY]).items()}
+  config = _read_json(os.path.join(directory, CONFIG_ITEM))
+  step = int(re.search(r"(\d+)$", os.path.basename(os.path.normpath(directory))).group(1))
+  return (None if config is None else config_from_dict(config), arrays, step,
+          _read_json(os.path.join(directory, METADATA_ITEM)))
