@@ -356,36 +356,42 @@ def test_evaluator_gives_full_rouge_to_the_reference_summaries(prepared):
       {"rouge1": 100, "rouge2": 100, "rougeLsum": 100})
 
 
+def one_line_error(match, call, *args):
+  """The FileNotFoundError of call(*args): one line that matches `match`."""
+  with pytest.raises(FileNotFoundError, match=match) as error:
+    call(*args)
+  assert "\n" not in str(error.value)
+
+
 def test_unprepared_tfds_dataset_says_how_to_prepare_it(prepared):
   task = seqio.get_mixture_or_task("gqa_wmt14_ende")
-  with pytest.raises(FileNotFoundError, match=(
+  one_line_error(
       r"wmt14_translate/de-en:1.0.0 is not prepared in .*tensorflow_datasets"
       r".*tfds build wmt14_translate/de-en:1.0.0 --data_dir=.*"
-      r"--tfds_data_dir")):
-    task.get_dataset(sequence_length=tasks.PAPER_FEATURE_LENGTHS[
-        "gqa_wmt14_ende"], split="validation")
+      r"--tfds_data_dir", task.get_dataset,
+      tasks.PAPER_FEATURE_LENGTHS["gqa_wmt14_ende"], "validation")
 
 
 def test_missing_mediasum_directory_says_what_to_download(
     prepared, monkeypatch, tmp_path):
   monkeypatch.delenv(tasks.MEDIASUM_DIR_ENV)
-  with pytest.raises(FileNotFoundError, match=(
+  one_line_error(
       r"MediaSum directory not set: download news_dialogue.json and "
-      r"train_val_test_split.json .* \$GQA_MEDIASUM_DIR")):
-    task_examples("gqa_mediasum", "validation")
+      r"train_val_test_split.json .* \$GQA_MEDIASUM_DIR",
+      task_examples, "gqa_mediasum", "validation")
   monkeypatch.setenv(tasks.MEDIASUM_DIR_ENV, str(tmp_path))
-  with pytest.raises(FileNotFoundError, match=(
-      f"news_dialogue.json, train_val_test_split.json missing in {tmp_path}")):
-    task_examples("gqa_mediasum", "validation")
+  one_line_error(
+      f"news_dialogue.json, train_val_test_split.json missing in {tmp_path}",
+      task_examples, "gqa_mediasum", "validation")
 
 
 def test_missing_vocabulary_is_named_only_when_used(monkeypatch, tmp_path):
   missing = str(tmp_path / "nowhere" / "sentencepiece.model")
   monkeypatch.setenv(vocab.VOCAB_PATH_ENV, missing)
   vocabulary = vocab.get_vocabulary()  # Building it needs no file.
-  with pytest.raises(FileNotFoundError, match=(
-      f"SentencePiece vocabulary not found at {missing}; .*GQA_VOCAB_PATH")):
-    vocabulary.encode("oil prices")
+  one_line_error(
+      f"SentencePiece vocabulary not found at {missing}; .*GQA_VOCAB_PATH",
+      vocabulary.encode, "oil prices")
 
 
 def test_vocabulary_path_precedence_gin_flag_environment_default(

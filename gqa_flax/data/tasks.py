@@ -114,20 +114,25 @@ def trivia_qa_answers(answer, example=None, is_target=False):
 
 @gin.configurable
 def mediasum_dir(path=None):
-  """The directory of MediaSum's two official JSON files."""
-  path = path or os.environ.get(MEDIASUM_DIR_ENV)
+  """The directory of MediaSum's two JSON files: gin `path` or the environment."""
+  return path or os.environ.get(MEDIASUM_DIR_ENV)
+
+
+def mediasum_files():
+  """Paths of news_dialogue.json and train_val_test_split.json; checked."""
+  directory = mediasum_dir()
   how_to = (f"download {' and '.join(MEDIASUM_FILES)} from "
             "https://github.com/zcgzcgzcg1/MediaSum into a directory and name "
             f"it with ${MEDIASUM_DIR_ENV} or gin "
             "`gqa_flax.data.tasks.mediasum_dir.path`")
-  if not path:
+  if not directory:
     raise FileNotFoundError(f"MediaSum directory not set: {how_to}.")
-  missing = [f for f in MEDIASUM_FILES if not os.path.isfile(
-      os.path.join(path, f))]
+  paths = [os.path.join(directory, f) for f in MEDIASUM_FILES]
+  missing = [f for f, p in zip(MEDIASUM_FILES, paths) if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(
-        f"MediaSum file(s) {', '.join(missing)} missing in {path}: {how_to}.")
-  return path
+    raise FileNotFoundError(f"MediaSum file(s) {', '.join(missing)} missing "
+                            f"in {directory}: {how_to}.")
+  return paths
 
 
 def mediasum_dialogue_text(dialogue):
@@ -138,10 +143,10 @@ def mediasum_dialogue_text(dialogue):
 
 def mediasum_dataset(split, shuffle_files=False, seed=None):
   """MediaSum interviews of `split` as {'id', 'dialogue', 'summary'} strings."""
-  directory = mediasum_dir()
-  with open(os.path.join(directory, MEDIASUM_FILES[1])) as f:
+  dialogues_path, splits_path = mediasum_files()
+  with open(splits_path) as f:
     split_ids = set(json.load(f)[MEDIASUM_SPLITS[split]])
-  with open(os.path.join(directory, MEDIASUM_FILES[0])) as f:
+  with open(dialogues_path) as f:
     dialogues = [d for d in json.load(f) if d["id"] in split_ids]
 
   def examples():  # A generator: MediaSum's train split exceeds 1 GB of text.
