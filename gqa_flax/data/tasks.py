@@ -114,7 +114,7 @@ def trivia_qa_answers(answer, example=None, is_target=False):
 
 @gin.configurable
 def mediasum_dir(path=None):
-  """The directory of MediaSum's two JSON files: gin `path` or the environment."""
+  """MediaSum's JSON files' directory: gin `path`, else the environment."""
   return path or os.environ.get(MEDIASUM_DIR_ENV)
 
 
