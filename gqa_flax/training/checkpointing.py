@@ -1,0 +1,228 @@
+"""Orbax checkpoints of MODEL_DIR and T5X-style restoring (T5X `utils.RestoreCheckpointConfig`).
+
+Layout (shared with gqa_flax/checkpoints/orbax_format.py): `MODEL_DIR/checkpoint_<step>/` with
+the items `state` = {'target': params, 'state': {'step', 'param_states'}}, `config` (JSON of
+the T5Config) and `dataset` (JSON: number of batches this run's data iterator has consumed).
+
+* `Checkpointer` saves asynchronously every `period` steps, keeps `keep` (or the `keep` best by
+  a dev metric), and resumes from MODEL_DIR's latest committed step: a save interrupted by any
+  signal, SIGKILL included, leaves only an uncommitted temporary directory that Orbax ignores.
+* `restore_from` reads another checkpoint into a freshly initialised state following a
+  `RestoreCheckpointConfig`: assignment_map entries `(regex, None)` keep the fresh value of
+  the matching state paths ('target/...', 'state/step', 'state/param_states'), entries
+  `(regex, replacement)` read `re.sub(regex, replacement, path)` from the checkpoint. Uptraining
+  uses `((r'state/param_states.*', None),)`: converted params, fresh Adafactor state and the
+  step counter of the checkpoint. The optimizer state is restored or kept fresh as a whole.
+"""
+import dataclasses
+import os
+import re
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gqa_flax.checkpoints import orbax_format
+from gqa_flax.models import T5Config, config_to_dict
+from gqa_flax.training.trainer import TrainState
+
+DATASET_ITEM = "dataset"
+_OPTIMIZER_PATH = "state/param_states"
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SaveCheckpointConfig:
+  """period: steps between saves; keep: how many to keep (None: all).
+
+  With `metric_name_to_monitor` (e.g. 'inference_eval/gqa_cnn_dailymail/rougeLsum'), the
+  `keep` best checkpoints by that metric are kept (`metric_mode` 'max' or 'min'), like T5X's
+  `SaveBestCheckpointer`; checkpoints saved without metrics are kept too.
+  """
+  period: int = 1000
+  keep: Optional[int] = None
+  metric_name_to_monitor: Optional[str] = None
+  metric_mode: str = "max"
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RestoreCheckpointConfig:
+  """T5X's RestoreCheckpointConfig: where to initialise a run that has no checkpoint yet.
+
+  path: a checkpoint step directory (mode='specific') or a MODEL_DIR (mode='latest').
+  assignment_map: ((regex, None | replacement), ...) over state paths, see module docstring.
+  fallback_to_scratch: start from scratch when `path` has no checkpoint instead of failing.
+  dtype: dtype of the restored params.
+  """
+  path: Optional[str] = None
+  mode: str = "specific"
+  assignment_map: Optional[Sequence[Tuple[str, Optional[str]]]] = None
+  fallback_to_scratch: bool = False
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.mode not in ("specific", "latest"):
+      raise ValueError(f"RestoreCheckpointConfig.mode={self.mode!r}: use 'specific' or 'latest'")
+
+  def checkpoint_dir(self) -> Optional[str]:
+    """The step directory to restore, None for scratch; raises if it must exist and doesn't."""
+    if self.path is None:
+      return None
+    directory = orbax_format.step_dir(self.path)
+    if directory is not None and self.mode == "specific" and os.path.normpath(directory) != \
+        os.path.normpath(os.path.abspath(self.path)):
+      directory = None  # 'specific' names a step directory, not a MODEL_DIR
+    if directory is None and not self.fallback_to_scratch:
+      expected = "a checkpoint_<step> directory" if self.mode == "specific" else \
+          "a directory of checkpoint_<step> directories"
+      raise FileNotFoundError(
+          f"restore path {self.path} is not {expected} (mode={self.mode!r}); fix "
+          "INITIAL_CHECKPOINT_PATH / RestoreCheckpointConfig.path, or set fallback_to_scratch=True")
+    return directory
+
+
+def _path(key_path) -> str:
+  """'/'-joined names of a jax key path, as orbax names checkpoint entries."""
+  names = []
+  for key in key_path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+  return "/".join(names)
+
+
+def _flat(tree: Any) -> Dict[str, Any]:
+  return {_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflatten(flat: Dict[str, Any]) -> dict:
+  tree: dict = {}
+  for name, value in flat.items():
+    *parents, last = name.split("/")
+    node = tree
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[last] = value
+  return tree
+
+
+def checkpoint_tree(state: TrainState) -> dict:
+  """The `state` item layout of a TrainState."""
+  return {orbax_format.PARAMS_KEY: state.params,
+          "state": {"step": state.step, "param_states": state.param_states}}
+
+
+def _source(path: str, assignment_map) -> Optional[str]:
+  """The checkpoint path feeding state path `path`, or None to keep the fresh value."""
+  for pattern, replacement in assignment_map or ():
+    if re.fullmatch(pattern, path):
+      return None if replacement is None else re.sub(pattern, replacement, path)
+  return path
+
+
+def restore_from(config: RestoreCheckpointConfig, directory: str, fresh: TrainState) -> TrainState:
+  """`fresh` with the entries `config` selects replaced by those of checkpoint `directory`."""
+  state_dir = os.path.join(directory, orbax_format.STATE_ITEM)
+  available = _flat(ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree)
+  wanted = _flat(checkpoint_tree(fresh))
+  restore_optimizer = _source(_OPTIMIZER_PATH, config.assignment_map) is not None
+  requests, missing = {}, []
+  for path, leaf in wanted.items():
+    if path.startswith(_OPTIMIZER_PATH):
+      continue
+    source = _source(path, config.assignment_map)
+    if source is None:
+      continue
+    if source not in available:
+      missing.append(source)
+      continue
+    if tuple(available[source].shape) != leaf.shape:
+      raise ValueError(f"{directory}: {source} has shape {tuple(available[source].shape)}, the "
+                       f"model's {path} is {leaf.shape}; check the model config "
+                       "(size, num_kv_heads) against the checkpoint's")
+    requests[source] = (path, leaf)
+  if restore_optimizer and not any(p.startswith(_OPTIMIZER_PATH) for p in available):
+    missing.append(_OPTIMIZER_PATH)
+  if missing:
+    raise ValueError(f"{directory} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
+                     "to keep fresh values add e.g. (r'state/param_states.*', None) to "
+                     "RestoreCheckpointConfig.assignment_map")
+  dtype = jnp.dtype(config.dtype)
+  items = {src: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+           for src, (_, leaf) in requests.items()}
+  args = {src: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                    dtype=dtype if dest.startswith(orbax_format.PARAMS_KEY)
+                                    else leaf.dtype)
+          for src, (dest, leaf) in requests.items()}
+  if restore_optimizer:
+    optimizer_tree = checkpoint_tree(fresh)["state"]["param_states"]
+    items[_OPTIMIZER_PATH] = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), optimizer_tree)
+    args[_OPTIMIZER_PATH] = ocp.checkpoint_utils.construct_restore_args(items[_OPTIMIZER_PATH])
+  item_tree = _unflatten(items)
+  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=item_tree, restore_args=_unflatten(args), partial_restore=True))
+  restored_flat = _flat(restored)
+  values = {dest: restored_flat[src] for src, (dest, _) in requests.items()}
+  param_states = (restored["state"]["param_states"] if restore_optimizer
+                  else fresh.param_states)
+  new = {path: values.get(path, leaf) for path, leaf in wanted.items()
+         if not path.startswith(_OPTIMIZER_PATH)}
+  tree = _unflatten(new)
+  return TrainState(step=jnp.asarray(tree["state"]["step"], jnp.int32),
+                    params=tree[orbax_format.PARAMS_KEY], param_states=param_states)
+
+
+class Checkpointer:
+  """MODEL_DIR's CheckpointManager: async saves every `period` steps, resume from the latest."""
+
+  def __init__(self, model_dir: str, save: SaveCheckpointConfig):
+    best = save.metric_name_to_monitor
+    options = ocp.CheckpointManagerOptions(
+        step_prefix=orbax_format.STEP_PREFIX, max_to_keep=save.keep,
+        save_interval_steps=save.period, enable_async_checkpointing=True,
+        best_fn=None if best is None else (lambda metrics: metrics[best]),
+        best_mode=save.metric_mode, keep_checkpoints_without_metrics=True)
+    self.manager = ocp.CheckpointManager(os.path.abspath(model_dir), options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, state: TrainState, config: T5Config, batches_consumed: int,
+           metrics: Optional[Dict[str, float]] = None, force: bool = False) -> bool:
+    """Starts an async save of step `state.step` when due (or `force`); True if it started."""
+    return self.manager.save(
+        int(state.step), force=force, metrics=metrics, args=ocp.args.Composite(**{
+            orbax_format.STATE_ITEM: ocp.args.StandardSave(checkpoint_tree(state)),
+            orbax_format.CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(config)),
+            DATASET_ITEM: ocp.args.JsonSave({"batches_consumed": batches_consumed})}))
+
+  def restore_latest(self, abstract_state: TrainState) -> Tuple[TrainState, int]:
+    """(state, batches consumed) of the latest step, in the shardings of `abstract_state`."""
+    step = self.manager.latest_step()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        orbax_format.STATE_ITEM: ocp.args.StandardRestore(checkpoint_tree(abstract_state)),
+        DATASET_ITEM: ocp.args.JsonRestore()}))
+    tree = restored[orbax_format.STATE_ITEM]
+    state = TrainState(step=tree["state"]["step"], params=tree[orbax_format.PARAMS_KEY],
+                       param_states=tree["state"]["param_states"])
+    return state, int(restored[DATASET_ITEM]["batches_consumed"])
+
+  def wait_until_finished(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """T5X's CheckpointConfig: how to save, and where a fresh run is initialised from."""
+  save: SaveCheckpointConfig = SaveCheckpointConfig()
+  restore: RestoreCheckpointConfig = RestoreCheckpointConfig()

@@ -1,0 +1,59 @@
+"""T5X's gin command line: --gin_file (repeatable), --gin_bindings, --gin.NAME=VALUE,
+--gin_search_paths (the repo's configs/ always searched), --tfds_data_dir."""
+import importlib.util  # noqa: F401 -- gin 0.5.0 uses importlib.util without importing it
+import os
+import sys
+import re
+from typing import Callable, List, Sequence
+
+from absl import app, flags
+import gin
+import seqio
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+flags.DEFINE_multi_string("gin_file", [], "Gin files to parse, in order (searched in "
+                          "--gin_search_paths).")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'MODEL_DIR=\"/tmp/run\"'.")
+flags.DEFINE_list("gin_search_paths", [], f"Directories searched for gin files; {CONFIGS_DIR} "
+                  "is always searched last.")
+flags.DEFINE_string("tfds_data_dir", None, "Overrides the TFDS data directory of seqio tasks.")
+FLAGS = flags.FLAGS
+
+_MACRO_BINDING = re.compile(r"\s*([A-Z][A-Z0-9_]*)\s*=")
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> List[str]:
+  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME=VALUE` (T5X's gin_utils.rewrite_gin_args)."""
+  return [f"--gin_bindings={arg[len('--gin.'):]}" if arg.startswith("--gin.") else arg
+          for arg in argv]
+
+
+def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
+              gin_search_paths: Sequence[str] = ()) -> None:
+  """Parses files then bindings; a binding of an undefined MACRO fails naming it."""
+  for path in list(gin_search_paths) + [CONFIGS_DIR]:
+    gin.add_config_file_search_path(path)
+  gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
+  for binding in gin_bindings:
+    match = _MACRO_BINDING.match(binding)
+    if match:
+      try:
+        gin.query_parameter(f"%{match.group(1)}")
+      except ValueError:
+        raise ValueError(f"unknown macro {match.group(1)} in binding {binding!r}: no gin file "
+                         f"({', '.join(gin_files)}) defines it; check the spelling") from None
+  gin.parse_config_files_and_bindings(None, gin_bindings, finalize_config=False)
+
+
+def run(main: Callable[[], None]) -> None:
+  """Console-script entry: parses flags (after the --gin.X rewrite) and gin, then `main()`."""
+  def wrapped(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --gin.NAME=VALUE")
+    if FLAGS.tfds_data_dir:
+      seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
+    parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    main()
+  app.run(wrapped, argv=rewrite_gin_args(sys.argv))
