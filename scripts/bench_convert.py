@@ -1,0 +1,79 @@
+"""Benchmark gqa-convert on a T5.1.1-shaped checkpoint: wall time, throughput, peak RSS.
+
+Writes a random-valued T5.1.1 checkpoint (default Large, 783M parameters, float32 ~3.1 GB) as a
+legacy T5X checkpoint (TensorStore zarr arrays, the public checkpoints' format), one array at a
+time, then converts it to GQA-G in a subprocess (so the writer's memory does not count) and
+prints wall time, throughput and the converter's peak RSS beside the checkpoint size.
+
+  python scripts/bench_convert.py [--size large] [--num_kv_heads 8] [--workdir DIR]
+"""
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from gqa_flax.checkpoints.arrays import LazyArray
+from gqa_flax.checkpoints.shapes import expected_shapes
+from gqa_flax.checkpoints.t5x_legacy import write_t5x_legacy
+from gqa_flax.models.config import PRESETS, t5_1_1_config
+
+
+def random_checkpoint(directory: str, size: str) -> int:
+  """Writes a random float32 T5.1.1-`size` legacy T5X checkpoint; returns its parameter bytes."""
+  shapes = expected_shapes(t5_1_1_config(size))
+  bar = tqdm(total=sum(4 * int(np.prod(s)) for s in shapes.values()), unit="B", unit_scale=True,
+             desc=f"writing T5.1.1-{size}")
+
+  def random_array(index, shape):
+    def read():
+      value = np.random.default_rng(index).standard_normal(shape, dtype=np.float32)
+      bar.update(value.nbytes)
+      return value
+    return LazyArray(shape, np.dtype(np.float32), read)
+
+  arrays = {name: random_array(i, shape) for i, (name, shape) in enumerate(shapes.items())}
+  write_t5x_legacy(directory, arrays, step=1000000)
+  bar.close()
+  return sum(array.nbytes for array in arrays.values())
+
+
+def directory_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", choices=PRESETS, default="large")
+  parser.add_argument("--num_kv_heads", type=int, default=8)
+  parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
+  args = parser.parse_args()
+  workdir = tempfile.mkdtemp(dir=args.workdir, prefix="bench_convert_")
+  try:
+    src, dst = os.path.join(workdir, "checkpoint_1000000"), os.path.join(workdir, "gqa")
+    param_bytes = random_checkpoint(src, args.size)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "gqa_flax.convert", "--src", src, "--dst", dst,
+                    "--num_kv_heads", str(args.num_kv_heads)], check=True)
+    wall = time.perf_counter() - start
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB.
+    gb = 1e9
+    print(f"T5.1.1-{args.size} -> GQA-{args.num_kv_heads}: "
+          f"{param_bytes / 4 / 1e6:.0f}M parameters, checkpoint {param_bytes / gb:.2f} GB "
+          f"(float32; {directory_bytes(src) / gb:.2f} GB on disk), converted "
+          f"{directory_bytes(dst) / gb:.2f} GB")
+    print(f"wall time {wall:.1f} s, throughput {param_bytes / gb / wall:.3f} GB/s read")
+    print(f"converter peak RSS {peak_rss / gb:.3f} GB = {peak_rss / param_bytes:.3f} x checkpoint "
+          f"size (target <= 0.25): {'PASS' if peak_rss <= param_bytes / 4 else 'FAIL'}")
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()
