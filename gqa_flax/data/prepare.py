@@ -56,9 +56,13 @@ def _clean(text):
   return " ".join(text.split())
 
 
+def _stable_hash(key: str) -> int:
+  return int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16)
+
+
 def split_of(key: str) -> str:
   """'train', 'validation' or 'test' from a stable hash of `key`."""
-  bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % 100
+  bucket = _stable_hash(key) % 100
   if bucket < TEST_PERCENT:
     return "test"
   if bucket < TEST_PERCENT + VALIDATION_PERCENT:
@@ -174,25 +178,31 @@ def _limited_unique(examples, key, max_examples):
 
 
 def collect_corpora(max_examples=None):
-  """Corpus name -> split -> list of example dicts.
+  """Corpus name -> split -> list of example dicts, in a stable random order.
 
   Pre-training text and title pairs are split by the same key (the abstract),
   so an abstract whose title is held out is held out of pre-training too.
   """
   abstracts = _limited_unique(medline_abstracts(), "abstract", max_examples)
-  documents = ([{"text": x["abstract"]} for x in abstracts] +
-               [{"text": t} for t in itertools.islice(wikipedia_articles(), max_examples)] +
-               [{"text": t} for t in itertools.islice(news_articles(), max_examples)])
+  texts = itertools.chain(
+      (x["abstract"] for x in abstracts),
+      itertools.islice(wikipedia_articles(), max_examples),
+      itertools.islice(news_articles(), max_examples))
+  documents = [{"text": text} for text in texts]
   corpora = {
       "pretrain": (documents, "text"),
       "title": (abstracts, "abstract"),
       "ende": (_limited_unique(ende_pairs(), "en", max_examples), "en"),
   }
+  shuffled = {
+      name: (sorted(examples, key=lambda x, k=key: _stable_hash(x[k])), key)
+      for name, (examples, key) in corpora.items()
+  }
   return {
       name: {
           split: [x for x in examples if split_of(x[key]) == split]
           for split in mini.SPLITS
-      } for name, (examples, key) in corpora.items()
+      } for name, (examples, key) in shuffled.items()
   }
 
 
