@@ -28,7 +28,7 @@ def batch_of(rng: np.random.Generator, batch: int, inputs_len: int, targets_len:
 
 def compare(num_kv_heads: int) -> dict:
   config = t5_1_1_config("tiny", dtype="float32", vocab_size=64, num_kv_heads=num_kv_heads,
-                         dropout_rate=0.1)
+                         dropout_rate=0.1, num_encoder_layers=1, num_decoder_layers=1)
   model = EncoderDecoderModel(config)
   optimizer = adafactor.adafactor(min_dim_size_to_factor=8)  # factor the tiny kernels too
   lr_fn = schedules.create_learning_rate_scheduler("constant", base_learning_rate=0.1)
@@ -54,12 +54,17 @@ def compare(num_kv_heads: int) -> dict:
   moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b)))),
                        single.params, jax.device_get(trainer.init_train_state(
                            model, optimizer, shapes, shardings, seed=0).params))
-  return {"num_kv_heads": num_kv_heads, "devices": jax.device_count(),
+  try:
+    partitioner.check_batch_size(6)
+    batch_error = ""
+  except ValueError as e:
+    batch_error = str(e)
+  return {"batch_error": batch_error, "num_kv_heads": num_kv_heads, "devices": jax.device_count(),
           "mesh": dict(partitioner.mesh.shape),
           "loss_sharded": float(metrics["loss"]), "loss_single": float(single_metrics["loss"]),
           "max_param_diff": max(jax.tree.leaves(diffs)),
           "min_param_change": min(jax.tree.leaves(moved)),
-          "key_spec": str(kv_spec), "query_spec": str(q_spec)}
+          "key_spec": tuple(kv_spec), "query_spec": tuple(q_spec)}
 
 
 if __name__ == "__main__":
