@@ -45,6 +45,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "gqa-demo=gqa_flax.demo:main",
+            "gqa-train=gqa_flax.train:console",
             "gqa-convert=gqa_flax.convert:main",
         ],
     },

@@ -4,9 +4,9 @@ Everything here is pure and works on abstract values, so a planner can lower the
 for a TPU topology from ShapeDtypeStructs:
 
   boxed = abstract_params(model, input_shapes)                 # eval_shape: no allocation
-  shardings = state_shardings(partitioner, model, optimizer, boxed)
-  state = abstract_train_state(model, optimizer, boxed, shardings)
-  step = jit_train_step(partitioner, model, optimizer, learning_rate_fn, shardings)
+  shardings = state_shardings(partitioner, optimizer, boxed)
+  state = abstract_train_state(optimizer, boxed, shardings)
+  step = jit_train_step(partitioner, make_train_step(model, optimizer, lr_fn), shardings)
   step.lower(state, batch_structs)                             # batch: ShapeDtypeStructs
 """
 from typing import Any, Callable, Dict, Tuple
