@@ -10,14 +10,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-def _save_hf_model(path, spread_weights):
-  """A T5 v1.1-style model (gated-gelu, untied head) saved with safetensors."""
+def _save_hf_model(path, spread_weights, v1_1=True):
+  """A T5 v1.1-style model (gated-gelu, untied head) saved with safetensors; with
+  `v1_1=False` the original T5 (ReLU MLP, head tied to the embedding and scaled)."""
   torch.manual_seed(0)
   config = transformers.T5Config(
       vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
       num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-      feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+      feed_forward_proj="gated-gelu" if v1_1 else "relu", tie_word_embeddings=not v1_1,
+      dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
   model = transformers.T5ForConditionalGeneration(config).eval()
   if spread_weights:  # HF's init makes greedy repeat one token; spread the weights out
     with torch.no_grad():
@@ -49,10 +50,17 @@ def _inputs():
   return inputs, np.pad(targets[:, :-1], ((0, 0), (1, 0)))
 
 
-def test_encoder_outputs_and_logits_match_hf(hf_model_dir):
-  path, hf = hf_model_dir
+@pytest.fixture(scope="module")
+def hf_original_t5_dir(tmp_path_factory):
+  return _save_hf_model(tmp_path_factory.mktemp("hf_t5_v1_0"), spread_weights=False, v1_1=False)
+
+
+@pytest.mark.parametrize("fixture", ["hf_model_dir", "hf_original_t5_dir"])
+def test_encoder_outputs_and_logits_match_hf(fixture, request):
+  path, hf = request.getfixturevalue(fixture)
   config, params = checkpoints.load(str(path))
   assert (config.num_heads, config.num_kv_heads, config.num_decoder_layers) == (4, 4, 3)
+  assert config.logits_via_embedding == (fixture == "hf_original_t5_dir")
   model = Transformer(config.replace(dtype="float32"))
   inputs, decoder_inputs = _inputs()
   with torch.no_grad():

@@ -74,7 +74,7 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Logits from the tied embedding: x [..., emb] -> [..., vocab] (float32)."""
-    embedding = self.get_variable("params", "embedding")
+    embedding = nn.meta.unbox(self.get_variable("params", "embedding"))
     return jnp.einsum("...e,ve->...v", x.astype(jnp.float32), jnp.asarray(embedding, jnp.float32))
 
 

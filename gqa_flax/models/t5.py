@@ -139,7 +139,8 @@ class Decoder(nn.Module):
       if is_initialized:
         index.value = position + q_len
     else:
-      targets = decoder_input_tokens if decoder_target_tokens is None else decoder_target_tokens
+      # Without targets every position is real (decoder input 0 is BOS, not padding).
+      targets = jnp.ones_like(decoder_input_tokens) if decoder_target_tokens is None else decoder_target_tokens
       positions = jnp.arange(q_len)
       causal = positions[None, :] <= positions[:, None]
       self_mask = _attention_mask(targets, targets, decoder_segment_ids, decoder_segment_ids)
