@@ -46,6 +46,7 @@ setuptools.setup(
         "console_scripts": [
             "gqa-demo=gqa_flax.demo:main",
             "gqa-train=gqa_flax.train:console",
+            "gqa-eval=gqa_flax.eval:console",
             "gqa-convert=gqa_flax.convert:main",
         ],
     },

@@ -1,13 +1,16 @@
 """A small seqio task on real text for the training tests: reconstruct a line of the GQA paper.
 
 `paper_lines_copy`: inputs and targets are the same line of /work/shared/paper (or the copy the
-tests name in $GQA_PAPER_TEXT), byte vocabulary; validation is every 10th line.
+tests name in $GQA_PAPER_TEXT), byte vocabulary; validation is every 10th line;
+scored with ROUGE and BLEU (gqa_flax.evaluation.metrics).
 """
 import functools
 import os
 
 import seqio
 import tensorflow as tf
+
+from gqa_flax.evaluation import metrics
 
 PAPER_TEXT = os.environ.get("GQA_PAPER_TEXT", "/work/shared/paper/gqa_ainslie2023.txt")
 TASK_NAME = "paper_lines_copy"
@@ -28,4 +31,5 @@ if TASK_NAME not in seqio.TaskRegistry.names():
       TASK_NAME,
       source=seqio.FunctionDataSource(_lines, splits=("train", "validation")),
       preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
-      output_features={name: seqio.Feature(vocabulary) for name in ("inputs", "targets")})
+      output_features={name: seqio.Feature(vocabulary) for name in ("inputs", "targets")},
+      metric_fns=[metrics.rouge, metrics.bleu])

@@ -1,0 +1,196 @@
+"""Inference evaluation (T5X's `infer_eval`): decode a seqio task split, score it with seqio.
+
+`InferenceEvaluator` wraps `seqio.Evaluator`: the split's first `num_examples` examples (in
+file order, no shuffling) are cut to the DatasetConfig's task_feature_lengths, decoded
+greedily (`EncoderDecoderModel.predict_batch`, max decode length = the targets length) and
+scored by the task's metric_fns after its postprocess_fn, exactly as seqio scores them.
+
+  evaluator = InferenceEvaluator(dataset_cfg, num_examples=100)
+  metrics = evaluator.evaluate(model, params)  # {task: {metric: value}}
+
+`evaluate` (gin-configurable, behind `gqa_flax.eval`) scores one checkpoint this way and writes
+OUTPUT_DIR/metrics.json and {task}-predictions.jsonl; the training loop scores every
+checkpoint it saves to keep the best by a task metric (`inference_eval/{task}/{metric}`, T5X's
+names).
+"""
+import json
+import logging
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import gin
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from gqa_flax import checkpoints
+from gqa_flax.models import T5Config
+from gqa_flax.training.data_pipeline import DatasetConfig
+from gqa_flax.training.encoder_decoder import EncoderDecoderModel
+
+PredictBatchFn = Callable[[np.ndarray], np.ndarray]
+TaskMetrics = Dict[str, Dict[str, float]]
+_LOG_EVERY_BATCHES = 10
+
+
+def predict_dataset(predict_batch: PredictBatchFn, ds: tf.data.Dataset, batch_size: int
+                    ) -> List[Tuple[int, List[int]]]:
+  """[(index, tokens)] for an enumerated dataset of (index, {'encoder_input_tokens': [len]}).
+
+  `predict_batch` maps int32 [batch_size, inputs_len] to tokens [batch_size, decode_len]; the
+  last batch is padded with zero rows so that it compiles once.
+  """
+  results: List[Tuple[int, List[int]]] = []
+  for i, (indices, features) in enumerate(ds.batch(batch_size).as_numpy_iterator()):
+    inputs = features["encoder_input_tokens"].astype(np.int32)
+    padded = np.pad(inputs, ((0, batch_size - len(indices)), (0, 0)))
+    tokens = np.asarray(predict_batch(padded))[:len(indices)]
+    results.extend(zip(indices.tolist(), tokens.tolist()))
+    if (i + 1) % _LOG_EVERY_BATCHES == 0:
+      logging.info("decoded %d examples", len(results))
+  return results
+
+
+def greedy_predict_fn(model: EncoderDecoderModel, params: Any, max_decode_length: int
+                      ) -> PredictBatchFn:
+  """T5X's predict_batch: greedy tokens [batch, max_decode_length]."""
+  return lambda inputs: model.predict_batch(params, inputs, max_decode_length)
+
+
+class PredictionsLogger(seqio.Logger):
+  """seqio logger writing `output_dir/{task}-predictions.jsonl`: one line per example with its
+  'inputs' text, postprocessed 'targets' and 'prediction'."""
+
+  def __call__(self, task_name, step, metrics, dataset, inferences, targets) -> None:
+    del step, metrics
+    path = os.path.join(self.output_dir, f"{task_name}-predictions.jsonl")
+    examples = dataset.as_numpy_iterator()
+    with open(path, "w") as f:
+      for example, target, prediction in zip(examples, targets, inferences["prediction"]):
+        f.write(json.dumps({"inputs": _text(example.get("inputs_pretokenized", b"")),
+                            "targets": _jsonable(target), "prediction": _jsonable(prediction)})
+                + "\n")
+    logging.info("wrote %s", path)
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _jsonable(value: Any) -> Any:
+  """Postprocessed targets/predictions: text, numbers or lists of them."""
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, (bytes, str)):
+    return _text(value)
+  return value.item() if isinstance(value, np.generic) else value
+
+
+@gin.configurable
+class InferenceEvaluator:
+  """Decodes and scores `dataset_cfg`'s split (its batch size, lengths and task).
+
+  num_examples: the first N examples of the split (None: all of it).
+  log_dir: where PredictionsLogger writes `{task}-predictions.jsonl` (None: not written).
+  """
+
+  def __init__(self, dataset_cfg: DatasetConfig, num_examples: Optional[int] = None,
+               log_dir: Optional[str] = None):
+    if num_examples is not None and num_examples < 1:
+      raise ValueError(f"num_examples={num_examples}: use a positive number or None for all")
+    task = dataset_cfg.task()
+    lengths = dict(dataset_cfg.task_feature_lengths)
+    self.batch_size = dataset_cfg.batch_size
+    self.max_decode_length = lengths["targets"]
+    self._evaluator = seqio.Evaluator(
+        mixture_or_task_name=task.name, feature_converter=seqio.EncDecFeatureConverter(pack=False),
+        eval_split=dataset_cfg.split, use_cached=dataset_cfg.use_cached, seed=dataset_cfg.seed,
+        sequence_length=lengths, num_examples=num_examples, shuffle=False,
+        logger_cls=(PredictionsLogger,) if log_dir else (), log_dir=log_dir,
+        async_compute_metrics=False)
+    if not self._evaluator.eval_tasks:
+      raise ValueError(f"{task.name} has no task with metric_fns and a {dataset_cfg.split!r} "
+                       "split to evaluate; pick another MIXTURE_OR_TASK_NAME or split")
+
+  @property
+  def task_names(self) -> Sequence[str]:
+    return [task.name for task in self._evaluator.eval_tasks]
+
+  def num_examples(self) -> Mapping[str, int]:
+    """Examples scored per task."""
+    return {name: sum(1 for _ in ds)
+            for name, ds in self._evaluator.cached_task_datasets.items()}
+
+  def evaluate(self, model: EncoderDecoderModel, params: Any, step: Optional[int] = None,
+               predict_batch: Optional[PredictBatchFn] = None) -> TaskMetrics:
+    """{task: {metric: value}}; greedy decoding unless `predict_batch` is given."""
+    predict_batch = predict_batch or greedy_predict_fn(model, params, self.max_decode_length)
+    metrics, _ = self._evaluator.evaluate(
+        compute_metrics=True, step=step,
+        predict_fn=lambda ds, *_: predict_dataset(predict_batch, ds, self.batch_size))
+    return {task: {name: float(value) for name, value in task_metrics.items()}
+            for task, task_metrics in metrics.result().items()}
+
+
+def flat_metric_names(metrics: TaskMetrics, prefix: str = "inference_eval") -> Dict[str, float]:
+  """{'inference_eval/{task}/{metric}': value}, T5X's names for inference metrics."""
+  return {f"{prefix}/{task}/{name}": value
+          for task, task_metrics in metrics.items() for name, value in task_metrics.items()}
+
+
+METRICS_FILE = "metrics.json"
+
+
+def restore_model(checkpoint_path: str, model: Optional[EncoderDecoderModel] = None
+                  ) -> Tuple[EncoderDecoderModel, dict, Optional[int]]:
+  """(model, params on device, step) of the checkpoint at `checkpoint_path` (any format).
+
+  The checkpoint's stored config wins; `model`'s config is used for a checkpoint that stores
+  none (T5X legacy), where the reader otherwise infers it from the parameter shapes.
+  """
+  if not os.path.exists(checkpoint_path):
+    raise FileNotFoundError(f"CHECKPOINT_PATH {checkpoint_path} does not exist")
+  loaded = checkpoints.load_checkpoint(checkpoint_path)
+  config: T5Config = loaded.config
+  if model is not None and checkpoints.open_checkpoint(checkpoint_path).format == "t5x_legacy":
+    config = model.config
+  model = EncoderDecoderModel(config) if model is None else \
+      EncoderDecoderModel(config, model.z_loss, model.label_smoothing,
+                          model.loss_normalizing_factor)
+  logging.info("restored %s (step %s): %d encoder / %d decoder layers, %d heads, %d kv heads",
+               checkpoint_path, loaded.step, config.num_encoder_layers,
+               config.num_decoder_layers, config.num_heads, config.num_kv_heads or config.num_heads)
+  return model, jax.device_put(loaded.params), loaded.step
+
+
+def _summary(task: str, split: str, count: int, step: Optional[int],
+             metrics: Dict[str, float]) -> str:
+  values = ", ".join(f"{name}={value:.3f}" for name, value in sorted(metrics.items()))
+  return f"{task} {split} ({count} examples, step {step}): {values}"
+
+
+@gin.configurable
+def evaluate(*, dataset_cfg: DatasetConfig, checkpoint_path: str, output_dir: str,
+             num_examples: Optional[int] = None,
+             model: Optional[EncoderDecoderModel] = None) -> TaskMetrics:
+  """Scores the checkpoint on the first `num_examples` (None: all) examples of the split;
+  writes metrics.json and the predictions files to `output_dir`; returns {task: {metric: v}}."""
+  if not checkpoint_path:
+    raise ValueError("CHECKPOINT_PATH is not set; pass --gin.CHECKPOINT_PATH=\"/path\"")
+  if not output_dir:
+    raise ValueError("EVAL_OUTPUT_DIR is not set; pass --gin.EVAL_OUTPUT_DIR=\"/path\"")
+  os.makedirs(output_dir, exist_ok=True)
+  evaluator = InferenceEvaluator(dataset_cfg, num_examples, log_dir=output_dir)
+  model, params, step = restore_model(checkpoint_path, model)
+  counts = evaluator.num_examples()
+  logging.info("decoding %s with batch size %d", counts, evaluator.batch_size)
+  metrics = evaluator.evaluate(model, params, step)
+  with open(os.path.join(output_dir, METRICS_FILE), "w") as f:
+    json.dump({"checkpoint_path": checkpoint_path, "step": step, "split": dataset_cfg.split,
+               "num_examples": counts, "metrics": metrics}, f, indent=2)
+  with open(os.path.join(output_dir, "config.gin"), "w") as f:
+    f.write(gin.config_str())
+  for task, task_metrics in metrics.items():
+    logging.info("%s", _summary(task, dataset_cfg.split, counts[task], step, task_metrics))
+  return metrics
