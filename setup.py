@@ -47,6 +47,7 @@ setuptools.setup(
             "gqa-demo=gqa_flax.demo:main",
             "gqa-train=gqa_flax.train:console",
             "gqa-eval=gqa_flax.eval:console",
+            "gqa-infer=gqa_flax.infer:console",
             "gqa-convert=gqa_flax.convert:main",
         ],
     },
