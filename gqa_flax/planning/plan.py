@@ -1,0 +1,103 @@
+"""`gqa-plan`: will a gin config's run fit a TPU slice, with which batch, and how fast?
+
+  gqa-plan --gin_file=experiments/uptrain_xxl_gqa8.gin --topology=v4-16
+  gqa-plan --gin_file=models/t5_1_1/tiny.gin --topology=v4-8 --gin.NUM_PARTITIONS=2
+  gqa-plan --table1 --topology=v4-16        # simulated Table 1 T_infer and Figure 6
+
+Compiles on this machine for the slice through libtpu (the `tpu` extra): the run's train step
+at its BATCH_SIZE and at the largest per-chip batch that fits, then greedy decoding (prefill
+and one step) for MHA, MQA and GQA-G variants of the model at the largest batch up to
+--max_decode_batch_per_chip that fits. Prints per-chip memory, flops, bytes and XLA times.
+"""
+import sys
+from typing import List
+
+from absl import flags
+
+from gqa_flax.planning import decode_plan, report, search, table1, train_plan
+from gqa_flax.planning.job import Job
+from gqa_flax.planning.topology import Topology, TopologyPartitioner, get_topology
+from gqa_flax.training import gin_utils
+
+flags.DEFINE_string("topology", "v4-8", "TPU slice by its Cloud name (v4-8 is 4 chips).")
+flags.DEFINE_bool("train", True, "Plan the train step.")
+flags.DEFINE_bool("decode", True, "Plan greedy decoding with MHA, MQA and GQA-G.")
+flags.DEFINE_bool("search_batch", True, "Search the largest per-chip train batch that fits.")
+flags.DEFINE_integer("max_train_batch_per_chip", 256, "Upper end of the train batch search "
+                     "(per device: per chip on v4, v5e, v5p; per core on v3).")
+flags.DEFINE_integer("decode_inputs_len", 2048, "Decoding input length (paper: 2048).")
+flags.DEFINE_integer("decode_targets_len", 512, "Decoding output length (paper: 512).")
+flags.DEFINE_integer("max_decode_batch_per_chip", 32, "Largest decode batch per chip tried "
+                     "(paper: up to 32).")
+flags.DEFINE_integer("decode_gqa_groups", 8, "G of the GQA-G decoding variant when the config "
+                     "itself is not GQA.")
+flags.DEFINE_bool("table1", False, "Print the simulated Table 1 T_infer and Figure 6 for "
+                  "T5.1.1-XXL next to the paper's measurements (ignores --gin_file).")
+FLAGS = flags.FLAGS
+_PLAN_GIN = "plan/plan.gin"
+
+
+def plan_train(job: Job, topology: Topology) -> str:
+  """The train step at the run's global batch and at the largest per-chip batch that fits."""
+  partitioner = TopologyPartitioner(job.num_partitions, devices=topology.devices)
+  hbm = topology.hbm_bytes
+  devices = topology.num_devices
+  steps = {job.batch_size: train_plan.compile_train_step(job, partitioner, job.batch_size)}
+  best = None
+  if FLAGS.search_batch:
+    best, compiled = search.largest_fitting(
+        lambda b: train_plan.compile_train_step(job, partitioner, b * devices),
+        search.powers_of_two(FLAGS.max_train_batch_per_chip), hbm)
+    steps.update({b * devices: step for b, step in compiled.items()})
+  rows = [report.memory_row(f"train step, global batch {b}", f"{b / devices:g}", step,
+                            topology.generation) for b, step in sorted(steps.items())]
+  lengths = job.task_feature_lengths
+  lines = [f"## Training on {topology.name} ({topology.num_chips} chips, {devices} devices, "
+           f"mesh data={partitioner.data_parallel_size} x model={job.num_partitions}), "
+           f"inputs {lengths['inputs']} / targets {lengths['targets']}",
+           report.table(report.MEMORY_HEADER, rows)]
+  if FLAGS.search_batch:
+    lines.append(f"largest per-device batch that fits (powers of two up to "
+                 f"{FLAGS.max_train_batch_per_chip}): {best}")
+  return "\n".join(lines)
+
+
+def plan_decoding(job: Job, topology: Topology) -> str:
+  """Greedy decoding for the model's MHA, MQA and GQA-G variants."""
+  config = job.model.config
+  is_gqa = 1 < config.num_kv_heads < config.num_heads
+  groups = config.num_kv_heads if is_gqa else FLAGS.decode_gqa_groups
+  configs = [config.replace(num_kv_heads=kv, cross_num_kv_heads=kv)
+             for kv in (config.num_heads, 1, groups)]
+  plans = [decode_plan.best_decode_plan(c, topology, job.num_partitions,
+                                        FLAGS.decode_inputs_len, FLAGS.decode_targets_len,
+                                        FLAGS.max_decode_batch_per_chip) for c in configs]
+  return report.decode_table(plans, topology, FLAGS.decode_inputs_len, FLAGS.decode_targets_len)
+
+
+def main() -> None:
+  topology = get_topology(FLAGS.topology)
+  if FLAGS.table1:
+    print(table1.simulate(topology, FLAGS.decode_inputs_len, FLAGS.decode_targets_len,
+                          FLAGS.max_decode_batch_per_chip))
+    return
+  job = Job()
+  sections: List[str] = []
+  if FLAGS.train:
+    sections.append(plan_train(job, topology))
+  if FLAGS.decode:
+    sections.append(plan_decoding(job, topology))
+  print("\n\n".join(sections))
+
+
+def console() -> None:
+  """`gqa-plan` console script: bad input and a missing libtpu end in one line, exit 1."""
+  sys.argv[1:1] = [f"--gin_file={_PLAN_GIN}"]
+  try:
+    gin_utils.run(main)
+  except (RuntimeError, ValueError) as e:
+    sys.exit(f"gqa-plan: {str(e).splitlines()[0]}")
+
+
+if __name__ == "__main__":
+  console()

@@ -1,0 +1,61 @@
+"""Plain-text tables of compiled programs for the `gqa-plan` report."""
+from typing import Iterable, Optional, Sequence
+
+from gqa_flax.planning.compiled import CompiledStep
+from gqa_flax.planning.decode_plan import DecodePlan
+from gqa_flax.planning.topology import Generation, Topology
+
+GiB = 1024 ** 3
+
+
+def gib(num_bytes: float) -> str:
+  return f"{num_bytes / GiB:.3g}"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+  """A Markdown table (it reads as plain text too)."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+MEMORY_HEADER = ("program", "batch/chip", "args GiB", "temps GiB", "outputs GiB", "total GiB",
+                 "HBM GiB", "fits", "TFLOP", "GB accessed", "roofline s", "XLA optimal s", "compile s")
+
+
+def memory_row(name: str, batch_per_chip, step: CompiledStep, generation: Generation) -> tuple:
+  """One MEMORY_HEADER row: per-device bytes, flops, bytes accessed and times of one run."""
+  hbm_bytes = generation.hbm_bytes
+  if step.oom:
+    return (name, batch_per_chip, "-", "-", "-", "> HBM", gib(hbm_bytes), "no (XLA: OOM)",
+            "-", "-", "-", "-", f"{step.compile_seconds:.0f}")
+  outputs = step.output_bytes - step.alias_bytes
+  return (name, batch_per_chip, gib(step.argument_bytes), gib(step.temp_bytes), gib(outputs),
+          gib(step.total_bytes), gib(hbm_bytes), "yes" if step.fits(hbm_bytes) else "no",
+          f"{step.flops / 1e12:.3f}", f"{step.bytes_accessed / 1e9:.2f}",
+          f"{generation.roofline_seconds(step.flops, step.bytes_accessed):.4g}",
+          f"{step.xla_seconds:.4g}", f"{step.compile_seconds:.0f}")
+
+
+def decode_table(plans: Sequence[Optional[DecodePlan]], topology: Topology, inputs_len: int,
+                  targets_len: int) -> str:
+  """Memory and time per sample of each plan (None: nothing fits)."""
+  generation = topology.generation
+  rows, times = [], []
+  for plan in plans:
+    if plan is None:
+      continue
+    per_chip = plan.batch_per_chip
+    name = f"{plan.config.attention_name} (kv heads {plan.config.num_kv_heads})"
+    rows += [memory_row(f"{name} prefill", per_chip, plan.prefill, generation),
+             memory_row(f"{name} decode step", per_chip, plan.step, generation)]
+    times.append((name, per_chip, f"{plan.seconds_per_sample:.4g}",
+                  f"{plan.xla_seconds_per_sample:.4g}"))
+  missing = len(plans) - len(times)
+  return "\n".join([
+      f"## Greedy decoding on {topology.name} ({topology.num_chips} chips), inputs {inputs_len} / "
+      f"outputs {targets_len}, bfloat16 params",
+      table(MEMORY_HEADER, rows), "",
+      f"time per sample per chip = (prefill + {targets_len} x step) / batch per chip",
+      table(("model", "batch/chip", "roofline s/sample", "XLA optimal s/sample"), times)]
+      + ([f"{missing} variant(s) do not fit at batch 1 per chip"] if missing else []))
