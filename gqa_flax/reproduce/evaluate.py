@@ -1,0 +1,125 @@
+"""Evaluation stage: every variant's fine-tuned checkpoints on the test splits, and their
+time per sample.
+
+  python -m gqa_flax.reproduce.evaluate --output_dir DIR --num_examples 100 --batch_size 16 \\
+    --repeats 5 --eval=VARIANT:TASK_GIN=MODEL_DIR [--eval=...]
+
+Scores come from the project's evaluation entry (`gqa_flax.training.evaluation.evaluate`,
+i.e. `gqa-eval` with runs/eval.gin + TASK_GIN on the kept (best) checkpoint of MODEL_DIR):
+greedy decoding, seqio postprocessing, the task's metric_fns. A task's score is its first
+metric among rouge1 / bleu / f1 (Table 1's R1, BLEU, F1). The time per sample is the median
+over `repeats` of greedy-decoding one batch of test inputs (compilation excluded) divided by
+the batch size, averaged over the tasks. Each variant's result is written to DIR/VARIANT.json
+as soon as it is complete, and a rerun skips variants already there.
+"""
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+import gin
+import jax
+import numpy as np
+import seqio
+
+from gqa_flax.checkpoints.orbax_format import step_dir
+from gqa_flax.reproduce.timing import seconds_per_sample, write_json
+from gqa_flax.training import data_pipeline, evaluation, gin_utils
+
+PRIMARY_METRICS = ("rouge1", "bleu", "f1")
+
+
+def first_batch(cfg: data_pipeline.DatasetConfig, batch_size: int) -> np.ndarray:
+  """Encoder inputs [batch_size, inputs_len] of the split's first examples, zero-padded."""
+  lengths = dict(cfg.task_feature_lengths)
+  ds = cfg.task().get_dataset(lengths, split=cfg.split, shuffle=False, num_epochs=1)
+  tokens = np.zeros((batch_size, lengths["inputs"]), np.int32)
+  for row, example in enumerate(ds.take(batch_size).as_numpy_iterator()):
+    tokens[row, :len(example["inputs"])] = example["inputs"]
+  return tokens
+
+
+def evaluate_task(task_gin: str, model_dir: str, output_dir: str, num_examples: int,
+                  batch_size: int, repeats: int) -> dict:
+  """gqa-eval of MODEL_DIR's kept checkpoint on TASK_GIN's test split, plus its timing."""
+  checkpoint = step_dir(model_dir)
+  if checkpoint is None:
+    raise FileNotFoundError(f"no checkpoint in {model_dir}")
+  gin.clear_config()
+  gin_utils.parse_gin(["runs/eval.gin", task_gin], [
+      f'CHECKPOINT_PATH="{checkpoint}"', f'EVAL_OUTPUT_DIR="{output_dir}"',
+      f"EVAL_MAX_EXAMPLES={num_examples}", f"BATCH_SIZE={batch_size}"])
+  metrics = evaluation.evaluate()
+  with open(os.path.join(output_dir, evaluation.METRICS_FILE)) as f:
+    counts = json.load(f)["num_examples"]
+  (task, scores), = metrics.items()
+  metric = next(m for m in PRIMARY_METRICS if m in scores)
+  cfg = data_pipeline.DatasetConfig()
+  tokens = first_batch(cfg, batch_size)
+  model, params, step = evaluation.restore_model(checkpoint)
+  targets = cfg.task_feature_lengths["targets"]
+  t_infer = seconds_per_sample(lambda: model.predict_batch(params, tokens, targets), batch_size,
+                               repeats)
+  print(f"{task}: {metric} {scores[metric]:.2f} on {counts[task]} test examples, "
+        f"{t_infer * 1e3:.2f} ms/sample ({model.config.attention_name}, step {step})", flush=True)
+  return {"task": task, "checkpoint": checkpoint, "metric": metric, "score": float(scores[metric]),
+          "metrics": {k: float(v) for k, v in scores.items()}, "n_eval_examples": counts[task],
+          "t_infer_s": t_infer, "kv_heads": model.config.num_kv_heads,
+          "num_heads": model.config.num_heads}
+
+
+def evaluate_variant(runs: List[List[str]], output_dir: str, num_examples: int, batch_size: int,
+                     repeats: int) -> dict:
+  tasks = [evaluate_task(task_gin, model_dir, os.path.join(output_dir, os.path.basename(model_dir)),
+                         num_examples, batch_size, repeats) for task_gin, model_dir in runs]
+  return {"tasks": {t["task"]: t for t in tasks},
+          "t_infer_s": float(np.mean([t["t_infer_s"] for t in tasks])),
+          "device": jax.devices()[0].device_kind}
+
+
+def parse_evals(evals: List[str]) -> Dict[str, List[List[str]]]:
+  """['VARIANT:TASK_GIN=MODEL_DIR', ...] -> {variant: [[task_gin, model_dir], ...]}."""
+  grouped = collections.OrderedDict()
+  for spec in evals:
+    variant, _, run = spec.partition(":")
+    task_gin, _, model_dir = run.partition("=")
+    if not (variant and task_gin and model_dir):
+      raise ValueError(f"--eval takes VARIANT:TASK_GIN=MODEL_DIR, got {spec!r}")
+    grouped.setdefault(variant, []).append([task_gin, model_dir])
+  return grouped
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="gqa_flax.reproduce.evaluate",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--eval", action="append", required=True,
+                      metavar="VARIANT:TASK_GIN=MODEL_DIR", help="repeatable")
+  parser.add_argument("--num_examples", type=int, default=100, help="test examples per task")
+  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--repeats", type=int, default=5, help="timed decoding repeats")
+  parser.add_argument("--output_dir", required=True)
+  args = parser.parse_args(argv)
+  start = time.time()
+  results = {}
+  try:
+    for variant, runs in parse_evals(args.eval).items():
+      path = os.path.join(args.output_dir, f"{variant}.json")
+      if not os.path.isfile(path):
+        write_json(path, evaluate_variant(runs, os.path.join(args.output_dir, variant),
+                                          args.num_examples, args.batch_size, args.repeats))
+      with open(path) as f:
+        results[variant] = json.load(f)
+  except (ValueError, OSError) as e:
+    print(f"gqa_flax.reproduce.evaluate: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 1
+  write_json(os.path.join(args.output_dir, "result.json"), {
+      "variants": results, "batch_size": args.batch_size, "repeats": args.repeats,
+      "max_examples": args.num_examples, "seconds": round(time.time() - start, 1)})
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,123 @@
+"""Reproduction presets: a gin file under configs/reproduce/ binds `Preset`.
+
+A variant is a tuple (model, kv_heads, alpha, method): `model` names an entry of
+`Preset.models`, kv_heads None keeps multi-head attention, alpha is the uptraining
+proportion of the pre-training steps and method the conversion (mean, first, random).
+"""
+import dataclasses
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import gin
+
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs", "reproduce")
+METHODS = ("mean", "first", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  model: str
+  kv_heads: Optional[int]
+  alpha: float
+  method: str
+
+  @property
+  def attention(self) -> str:
+    if self.kv_heads is None:
+      return "MHA"
+    return "MQA" if self.kv_heads == 1 else f"GQA-{self.kv_heads}"
+
+  @property
+  def attention_id(self) -> str:
+    """'mha', 'mqa' or 'gqaG'."""
+    return self.attention.lower().replace("-", "")
+
+  @property
+  def label(self) -> str:
+    return f"{self.attention}-{self.model}"
+
+  @property
+  def key(self) -> str:
+    """A file-name-safe id, e.g. 'xxl-gqa8-a0.05-mean' or 'large-mha'."""
+    if self.kv_heads is None:
+      return f"{self.model}-{self.attention_id}".lower()
+    return f"{self.model}-{self.attention_id}-a{self.alpha:g}-{self.method}".lower()
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """One reproduction setup; gin files under configs/reproduce/ bind every field.
+
+  models: model name -> model gin file (configs/models/...).
+  checkpoints: model name -> pre-trained checkpoint; models without one are pre-trained
+    from scratch with `pretrain_gin` for `pretrain_steps` steps.
+  pretrain_steps: the (original) pre-training steps; uptraining runs alpha * this more.
+  uptrain_gin, finetune_gin: run gin files of the uptraining and fine-tuning stages.
+  finetune_steps: fine-tuning steps after the starting checkpoint's step.
+  tasks: seqio task name -> gin file setting MIXTURE_OR_TASK_NAME and TASK_FEATURE_LENGTHS.
+  bindings: extra gin bindings of every training run (e.g. shrinking a smoke run).
+  variants: (model, kv_heads, alpha, method) tuples; Table 1's rows are `table_variants`.
+  prepare: options of `gqa_flax.data.prepare --mini` ({} prepares nothing).
+  eval_examples, eval_batch_size: test examples scored per task, decoding batch.
+  timing_repeats: timed repeats of one decoding batch (median; compilation excluded).
+  fig6: {'model', 'groups', 'inputs', 'targets', 'batch'} for time per sample vs groups.
+  """
+  name: str = gin.REQUIRED
+  models: Dict[str, str] = gin.REQUIRED
+  pretrain_gin: str = gin.REQUIRED
+  pretrain_steps: int = gin.REQUIRED
+  uptrain_gin: str = gin.REQUIRED
+  finetune_gin: str = gin.REQUIRED
+  finetune_steps: int = gin.REQUIRED
+  tasks: Dict[str, str] = gin.REQUIRED
+  variants: Sequence[Tuple] = gin.REQUIRED
+  table_variants: Sequence[Tuple] = gin.REQUIRED
+  fig6: Dict[str, object] = gin.REQUIRED
+  checkpoints: Dict[str, str] = dataclasses.field(default_factory=dict)
+  bindings: Sequence[str] = ()
+  prepare: Dict[str, int] = dataclasses.field(default_factory=dict)
+  eval_examples: int = 100
+  eval_batch_size: int = 16
+  timing_repeats: int = 5
+
+  def __post_init__(self):
+    parsed = tuple(Variant(*v) for v in self.variants)
+    for v in parsed:
+      if v.model not in self.models:
+        raise ValueError(f"preset {self.name}: variant {v.label} names unknown model "
+                         f"{v.model!r}; models are {sorted(self.models)}")
+      if v.method not in METHODS:
+        raise ValueError(f"preset {self.name}: variant {v.key} has method {v.method!r}; "
+                         f"use one of {', '.join(METHODS)}")
+      if v.alpha < 0:
+        raise ValueError(f"preset {self.name}: variant {v.key} has negative alpha {v.alpha}")
+    table = tuple(Variant(*v) for v in self.table_variants)
+    missing = [v.key for v in table if v not in parsed]
+    if missing:
+      raise ValueError(f"preset {self.name}: table_variants {missing} are not in variants")
+    object.__setattr__(self, "variants", parsed)
+    object.__setattr__(self, "table_variants", table)
+
+  def uptrain_steps(self, variant: Variant) -> int:
+    return round(self.pretrain_steps * variant.alpha)
+
+
+def preset_file(name_or_path: str) -> str:
+  """configs/reproduce/NAME.gin, or a path to a preset gin file."""
+  if os.path.isfile(name_or_path):
+    return name_or_path
+  path = os.path.join(PRESETS_DIR, f"{name_or_path}.gin")
+  if not os.path.isfile(path):
+    known = sorted(f[:-4] for f in os.listdir(PRESETS_DIR) if f.endswith(".gin"))
+    raise ValueError(f"unknown preset {name_or_path!r}: choose one of {', '.join(known)} "
+                     "or give a preset gin file")
+  return path
+
+
+def load_preset(name_or_path: str, bindings: Sequence[str] = ()) -> Preset:
+  """Parses the preset's gin file (and `bindings`) into a Preset."""
+  gin.clear_config()
+  gin.parse_config_files_and_bindings([preset_file(name_or_path)], bindings)
+  return Preset()

@@ -1,0 +1,140 @@
+"""table1.json and table1.md from the stages' results.
+
+Rows hold what this run measured; the paper's Table 1 sits apart under "paper" (JSON) and in
+columns labelled "paper" (Markdown), next to the measured row it corresponds to.
+"""
+import math
+import os
+import platform
+from typing import Dict, List, Optional
+
+from gqa_flax.reproduce.presets import Variant
+from gqa_flax.reproduce.stages import Plan
+from gqa_flax.reproduce.timing import write_json
+
+# Ainslie et al. 2023, Table 1 (TPUv4; dev sets; T_infer in s per sample).
+PAPER_TABLE1 = {
+    "tasks": ["CNN (R1)", "arXiv (R1)", "PubMed (R1)", "MediaSum (R1)", "MultiNews (R1)",
+              "WMT (BLEU)", "TriviaQA (F1)"],
+    "rows": {
+        "MHA-Large": {"t_infer_s": 0.37, "average": 46.0,
+                      "scores": [42.9, 44.6, 46.2, 35.5, 46.6, 27.7, 78.2]},
+        "MHA-XXL": {"t_infer_s": 1.51, "average": 47.2,
+                    "scores": [43.8, 45.6, 47.5, 36.4, 46.9, 28.4, 81.9]},
+        "MQA-XXL": {"t_infer_s": 0.24, "average": 46.6,
+                    "scores": [43.0, 45.0, 46.9, 36.1, 46.5, 28.5, 81.3]},
+        "GQA-8-XXL": {"t_infer_s": 0.28, "average": 47.1,
+                      "scores": [43.5, 45.4, 47.7, 36.3, 47.2, 28.4, 81.6]},
+    },
+}
+
+
+def paper_row(v: Variant) -> str:
+  """The paper's Table 1 row a measured variant corresponds to."""
+  if v.label in PAPER_TABLE1["rows"]:
+    return v.label
+  return {"MHA": "MHA-XXL", "MQA": "MQA-XXL"}.get(v.attention, "GQA-8-XXL")
+
+
+def hardware() -> str:
+  cpu = platform.processor() or platform.machine()
+  if os.path.isfile("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+  return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
+def row(plan: Plan, v: Variant, records: Dict[str, dict]) -> dict:
+  result = records["evaluate"]["result"]["variants"][v.key]
+  tasks = result["tasks"]
+  scores = {task: tasks[task]["score"] for task in tasks}
+  return {"model": v.model, "label": v.label, "attention": v.attention,
+          "kv_heads": tasks[next(iter(tasks))]["kv_heads"], "alpha": v.alpha,
+          "method": None if v.kv_heads is None else v.method,
+          "uptrain_steps": 0 if v.kv_heads is None else plan.preset.uptrain_steps(v),
+          "t_infer_s": result["t_infer_s"], "scores": scores,
+          "metrics": {task: tasks[task]["metric"] for task in tasks},
+          "average": sum(scores.values()) / len(scores),
+          "n_eval_examples": {task: tasks[task]["n_eval_examples"] for task in tasks},
+          "in_table1": v in plan.preset.table_variants, "paper_row": paper_row(v),
+          "device": result["device"]}
+
+
+def build_table(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) -> dict:
+  p = plan.preset
+  fig6 = records["fig6-timing"]["result"]
+  return {"preset": p.name, "hardware": hardware(), "wall_seconds": seconds,
+          "setup": {"pretrain_steps": p.pretrain_steps, "finetune_steps": p.finetune_steps,
+                    "eval_examples_max": p.eval_examples, "eval_batch_size": p.eval_batch_size,
+                    "timing_repeats": p.timing_repeats, "tasks": dict(p.tasks),
+                    "models": dict(p.models), "bindings": list(p.bindings),
+                    "seeds": "RANDOM_SEED=0 (gin default) for every run; conversion seed 0",
+                    "prepare": dict(p.prepare)},
+          "rows": [row(plan, v, records) for v in p.variants],
+          "fig6": fig6, "paper": PAPER_TABLE1}
+
+
+def check_finite(table: dict) -> List[str]:
+  """Names of row fields that are missing or not finite."""
+  bad = []
+  for r in table["rows"]:
+    for name, value in [("t_infer_s", r["t_infer_s"]), ("average", r["average"])] + [
+        (f"scores.{t}", s) for t, s in r["scores"].items()]:
+      if not isinstance(value, (int, float)) or not math.isfinite(value):
+        bad.append(f"{r['label']} a={r['alpha']} {r['method']}: {name}={value}")
+  return bad
+
+
+def _row_md(r: dict, tasks: List[str]) -> str:
+  paper = PAPER_TABLE1["rows"][r["paper_row"]]
+  alpha = "-" if r["method"] is None else f"{r['alpha']:g}"
+  cells = [r["label"], alpha, r["method"] or "-", f"{r['t_infer_s'] * 1e3:.2f}",
+           f"{r['average']:.2f}"] + [f"{r['scores'][t]:.2f}" for t in tasks] + [
+               "/".join(str(r["n_eval_examples"][t]) for t in tasks),
+               f"{paper['t_infer_s']} / {paper['average']} ({r['paper_row']})"]
+  return "| " + " | ".join(cells) + " |"
+
+
+def to_markdown(table: dict) -> str:
+  rows = table["rows"]
+  tasks = list(rows[0]["scores"])
+  header = ["Model", "alpha", "conversion", "T_infer (ms/sample)", "Average"] + [
+      f"{t} ({rows[0]['metrics'][t]})" for t in tasks] + [
+          "n test", "paper: T_infer s / Average (paper row, TPUv4)"]
+  sep = "|" + "|".join("---" for _ in header) + "|"
+  head = "| " + " | ".join(header) + " |"
+  lines = [f"# Table 1 ({table['preset']} preset): measured", "",
+           f"Hardware: {table['hardware']} (JAX device: {rows[0]['device']}).", ""]
+  if table.get("wall_seconds"):
+    lines += [f"Time of all stages (summed over invocations): {table['wall_seconds'] / 60:.1f} min.",
+              ""]
+  lines += [head, sep] + [_row_md(r, tasks) for r in rows if r["in_table1"]]
+  ablations = [r for r in rows if not r["in_table1"]]
+  if ablations:
+    lines += ["", "Figure 4 / 5 variants (conversion method, uptraining proportion alpha):", "",
+              head, sep] + [_row_md(r, tasks) for r in ablations]
+  fig6 = table["fig6"]
+  lines += ["", f"Figure 6 timing (inputs {fig6['inputs']}, outputs {fig6['targets']}, batch "
+            f"{fig6['batch_size']}, median of {fig6['repeats']}):", "",
+            "| key/value heads | ms/sample |", "|---|---|"] + [
+                f"| {p['kv_heads']} ({p['attention']}) | {p['t_infer_s'] * 1e3:.2f} |"
+                for p in fig6["points"]]
+  setup = table["setup"]
+  lines += ["", f"Setup: pre-training {setup['pretrain_steps']} steps; uptraining alpha x "
+            f"pre-training steps; fine-tuning {setup['finetune_steps']} steps per task; greedy "
+            f"decoding of at most {setup['eval_examples_max']} test examples per task (n test "
+            f"above); T_infer: median of {setup['timing_repeats']} timed decodes of one batch of "
+            f"{setup['eval_batch_size']}, per sample, averaged over tasks. Seeds: "
+            f"{setup['seeds']}.", "",
+            "The paper column is Ainslie et al. (2023), Table 1 (T5 Large/XXL on TPUv4, full "
+            "datasets); it is for comparison only and was not measured here."]
+  return "\n".join(lines) + "\n"
+
+
+def write_report(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) -> dict:
+  table = build_table(plan, records, seconds)
+  write_json(os.path.join(plan.out, "table1.json"), table)
+  with open(os.path.join(plan.out, "table1.md"), "w") as f:
+    f.write(to_markdown(table))
+  return table

@@ -1,0 +1,143 @@
+"""The stage plan of a preset: every stage is one command of the project's own CLIs.
+
+  prepare                        python -m gqa_flax.data.prepare --mini   (mini corpora only)
+  pretrain-MODEL                 python -m gqa_flax.train  (models without a checkpoint)
+  convert-MODEL-ATTN-METHOD      python -m gqa_flax.convert
+  uptrain-VARIANT                python -m gqa_flax.train  (runs/uptrain.gin; alpha > 0)
+  finetune-VARIANT-TASK          python -m gqa_flax.train  (runs/finetune.gin + task gin)
+  evaluate                       python -m gqa_flax.reproduce.evaluate (gqa-eval's evaluate() on
+                                 every variant's test splits, and decode timing)
+  fig6-timing                    python -m gqa_flax.reproduce.timing
+
+Uptraining runs of one conversion share a MODEL_DIR: alpha 0.1 resumes the alpha 0.05 run's
+last checkpoint (with its optimizer state and data position), which is the same run as an
+uninterrupted alpha 0.1 one; the alpha 0.05 checkpoint stays for its fine-tuning.
+"""
+import dataclasses
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from gqa_flax.reproduce.presets import Preset, Variant
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  argv: Sequence[str]
+  result: Optional[str] = None  # the JSON file the command writes (kept in DONE.json)
+
+
+def _module(name: str, *args: str) -> List[str]:
+  return [sys.executable, "-m", name, *args]
+
+
+class Plan:
+  """Paths and commands of a preset's run under `out`."""
+
+  def __init__(self, preset: Preset, out: str, data_dir: Optional[str]):
+    self.preset = preset
+    self.out = os.path.abspath(out)
+    self.data_dir = os.path.abspath(data_dir) if data_dir else None
+
+  def run_dir(self, name: str) -> str:
+    return os.path.join(self.out, "runs", name)
+
+  def stage_dir(self, name: str) -> str:
+    return os.path.join(self.out, "stages", name)
+
+  def _step_dir(self, run: str, step: int) -> str:
+    return os.path.join(self.run_dir(run), f"checkpoint_{step}")
+
+  def pretrained(self, model: str) -> str:
+    return self.preset.checkpoints.get(model) or self._step_dir(
+        f"pretrain-{model}", self.preset.pretrain_steps)
+
+  def _convert_run(self, v: Variant) -> str:
+    return f"convert-{v.model}-{v.attention_id}-{v.method}".lower()
+
+  def _uptrain_run(self, v: Variant) -> str:
+    return f"uptrain-{v.model}-{v.attention_id}-{v.method}".lower()
+
+  def start_step(self, v: Variant) -> int:
+    return self.preset.pretrain_steps + (0 if v.kv_heads is None else self.preset.uptrain_steps(v))
+
+  def start_checkpoint(self, v: Variant) -> str:
+    """Where fine-tuning starts: pre-trained (MHA), converted (alpha 0) or uptrained."""
+    if v.kv_heads is None:
+      return self.pretrained(v.model)
+    if self.preset.uptrain_steps(v) == 0:
+      return self._step_dir(self._convert_run(v), self.preset.pretrain_steps)
+    return self._step_dir(self._uptrain_run(v), self.start_step(v))
+
+  def finetune_run(self, v: Variant, task: str) -> str:
+    return f"finetune-{v.key}-{task}"
+
+  def _train(self, v: Variant, run_gin: str, run: str, steps: int, initial: Optional[str],
+             task_gin: Optional[str] = None) -> List[str]:
+    argv = _module("gqa_flax.train", f"--gin_file={self.preset.models[v.model]}",
+                   f"--gin_file={run_gin}")
+    if task_gin:
+      argv.append(f"--gin_file={task_gin}")
+    argv += [f'--gin.MODEL_DIR="{self.run_dir(run)}"', f"--gin.TRAIN_STEPS={steps}"]
+    if initial:
+      argv.append(f'--gin.INITIAL_CHECKPOINT_PATH="{initial}"')
+    if v.kv_heads is not None:
+      argv.append(f"--gin_bindings=t5_1_1_config.num_kv_heads={v.kv_heads}")
+    return argv + [f"--gin_bindings={b}" for b in self.preset.bindings]
+
+  def stages(self) -> List[Stage]:
+    p = self.preset
+    stages: Dict[str, Stage] = {}
+
+    def add(stage: Stage) -> None:
+      stages.setdefault(stage.name, stage)
+
+    if p.prepare:
+      add(Stage("prepare", _module("gqa_flax.data.prepare", "--mini", f"--data_dir={self.data_dir}",
+                                   *(f"--{k}={val}" for k, val in sorted(p.prepare.items())))))
+    for model in sorted({v.model for v in p.variants}):
+      if model not in p.checkpoints:
+        mha = Variant(model, None, 0.0, "mean")
+        add(Stage(f"pretrain-{model}", self._train(mha, p.pretrain_gin, f"pretrain-{model}",
+                                                   p.pretrain_steps, None)))
+    # Uptraining by increasing alpha, so that larger alphas resume smaller ones' runs.
+    for v in sorted(p.variants, key=lambda v: v.alpha):
+      if v.kv_heads is None:
+        continue
+      convert = self._convert_run(v)
+      add(Stage(convert, _module(
+          "gqa_flax.convert", f"--src={self.pretrained(v.model)}", f"--dst={self.run_dir(convert)}",
+          f"--num_kv_heads={v.kv_heads}", f"--method={v.method}", "--overwrite")))
+      if p.uptrain_steps(v):
+        add(Stage(f"uptrain-{v.key}", self._train(
+            v, p.uptrain_gin, self._uptrain_run(v), self.start_step(v),
+            self._step_dir(convert, p.pretrain_steps))))
+    for v in p.variants:
+      for task, task_gin in p.tasks.items():
+        run = self.finetune_run(v, task)
+        add(Stage(run, self._train(v, p.finetune_gin, run, self.start_step(v) + p.finetune_steps,
+                                   self.start_checkpoint(v), task_gin)))
+    evaluate = self.stage_dir("evaluate")
+    add(Stage("evaluate", _module(
+        "gqa_flax.reproduce.evaluate", f"--output_dir={evaluate}",
+        f"--num_examples={p.eval_examples}", f"--batch_size={p.eval_batch_size}",
+        f"--repeats={p.timing_repeats}",
+        *(f"--eval={v.key}:{task_gin}={self.run_dir(self.finetune_run(v, task))}"
+          for v in p.variants for task, task_gin in p.tasks.items())),
+        os.path.join(evaluate, "result.json")))
+    result = os.path.join(self.stage_dir("fig6-timing"), "result.json")
+    f6 = p.fig6
+    add(Stage("fig6-timing", _module(
+        "gqa_flax.reproduce.timing", f"--checkpoint={self.pretrained(f6['model'])}",
+        f"--groups={','.join(str(g) for g in f6['groups'])}", f"--inputs={f6['inputs']}",
+        f"--targets={f6['targets']}", f"--batch_size={f6['batch']}",
+        f"--repeats={p.timing_repeats}", f"--output={result}"), result))
+    return list(stages.values())
+
+  def env(self) -> Dict[str, str]:
+    """The stages' environment: the mini corpus' data dir when this run prepares one."""
+    env = dict(os.environ)
+    if self.data_dir:
+      env["GQA_DATA_DIR"] = self.data_dir
+    return env

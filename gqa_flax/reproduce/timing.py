@@ -1,0 +1,92 @@
+"""Decode timing, and the Figure 6 stage: time per sample vs the number of groups.
+
+  python -m gqa_flax.reproduce.timing --checkpoint CKPT --groups 1,2,4,8 --inputs 2048 \\
+    --targets 512 --batch_size 8 --repeats 5 --output result.json
+
+Each G converts the multi-head checkpoint CKPT with gqa_flax's converter (mean pooling) in
+memory, then times greedy decoding of `--targets` tokens (EOS disabled so every sample
+decodes the full length, as in the paper's fixed 2048/512 setup) from random input tokens.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from gqa_flax import decoding
+from gqa_flax.checkpoints.convert import convert_arrays
+from gqa_flax.checkpoints.reader import open_checkpoint
+from gqa_flax.checkpoints.arrays import unflatten
+from gqa_flax.models import Transformer
+
+
+def seconds_per_sample(decode: Callable[[], jax.Array], batch_size: int, repeats: int) -> float:
+  """Median wall time of `decode()` over `repeats` runs / batch_size; one untimed warm-up
+  run compiles first."""
+  jax.block_until_ready(decode())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(decode())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) / batch_size
+
+
+def time_groups(checkpoint: str, groups, inputs: int, targets: int, batch_size: int,
+                repeats: int) -> list:
+  """[{'kv_heads', 't_infer_s'}] for every G in `groups`."""
+  source = open_checkpoint(checkpoint)
+  tokens = np.random.default_rng(0).integers(
+      2, source.config.vocab_size, (batch_size, inputs)).astype(np.int32)
+  points = []
+  for g in groups:
+    config, arrays = convert_arrays(source, g, method="mean")
+    params = unflatten({name: np.asarray(array.read()) for name, array in arrays.items()})
+    model = Transformer(config)
+    t = seconds_per_sample(lambda: decoding.greedy_decode(
+        model, params, tokens, max_decode_length=targets, eos_id=-1), batch_size, repeats)
+    points.append({"kv_heads": g, "attention": config.attention_name, "t_infer_s": t})
+    print(f"fig6: {config.attention_name}: {t * 1e3:.2f} ms/sample "
+          f"(inputs {inputs}, outputs {targets}, batch {batch_size})", flush=True)
+  return points
+
+
+def write_json(path: str, data: dict) -> None:
+  """Writes `data` to `path` atomically (a temporary file renamed into place)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(data, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="gqa_flax.reproduce.timing", description=__doc__.split(
+      "\n")[0])
+  parser.add_argument("--checkpoint", required=True, help="multi-head checkpoint")
+  parser.add_argument("--groups", required=True, help="comma-separated G values")
+  parser.add_argument("--inputs", type=int, required=True, help="input length")
+  parser.add_argument("--targets", type=int, required=True, help="decoded tokens")
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--output", required=True, help="result JSON file")
+  args = parser.parse_args(argv)
+  try:
+    groups = [int(g) for g in args.groups.split(",")]
+    points = time_groups(args.checkpoint, groups, args.inputs, args.targets, args.batch_size,
+                         args.repeats)
+  except (ValueError, OSError) as e:
+    print(f"gqa_flax.reproduce.timing: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 1
+  write_json(args.output, {"points": points, "inputs": args.inputs, "targets": args.targets,
+                           "batch_size": args.batch_size, "repeats": args.repeats,
+                           "device": jax.devices()[0].device_kind})
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

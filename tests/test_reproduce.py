@@ -1,0 +1,120 @@
+"""gqa-reproduce: the smoke preset end to end (CI), resumability, presets and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gqa_flax.reproduce import cli
+from gqa_flax.reproduce.presets import Variant, load_preset
+from gqa_flax.reproduce.stages import Plan
+
+
+def _reproduce(*args, env=None):
+  return subprocess.run([sys.executable, "-m", "gqa_flax.reproduce.cli", *args],
+                        capture_output=True, text=True, env=env, check=False)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(mini_data_dir, tmp_path_factory):
+  """Runs the smoke preset once (the prepare stage reuses the session's mini corpus, which
+  has the smoke preset's options)."""
+  out = tmp_path_factory.mktemp("smoke")
+  result = _reproduce("--preset", "smoke", "--out", str(out), "--data_dir", str(mini_data_dir),
+                      "--heartbeat", "60")
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return out, result
+
+
+def test_smoke_table_and_figures(smoke_run):
+  out, _ = smoke_run
+  with open(out / "table1.json") as f:
+    table = json.load(f)
+  preset = load_preset("smoke")
+  assert table["preset"] == "smoke" and table["hardware"]
+  assert [(r["attention"], r["alpha"]) for r in table["rows"]] == [
+      (v.attention, v.alpha) for v in preset.variants]
+  for r in table["rows"]:
+    assert set(r["scores"]) == set(preset.tasks)
+    for value in [r["t_infer_s"], r["average"], *r["scores"].values()]:
+      assert isinstance(value, float) and math.isfinite(value), r
+    assert r["t_infer_s"] > 0
+    assert all(n > 0 for n in r["n_eval_examples"].values())
+  # kv heads come from the evaluated checkpoints' configs: MHA 4, MQA 1, GQA-2 2.
+  assert [r["kv_heads"] for r in table["rows"]] == [4, 1, 2]
+  assert [p["kv_heads"] for p in table["fig6"]["points"]] == [1, 2, 4]
+  assert "MHA-XXL" in table["paper"]["rows"]
+  markdown = (out / "table1.md").read_text()
+  assert "| MQA-tiny | 0.05 | mean |" in markdown and "paper" in markdown
+  for n in (3, 4, 5, 6):
+    png = out / f"fig{n}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_smoke_rerun_skips_done_stages_and_reruns_missing(smoke_run):
+  out, _ = smoke_run
+  done = out / "stages" / "fig6-timing" / "DONE.json"
+  kept = out / "stages" / "evaluate" / "DONE.json"
+  kept_mtime = kept.stat().st_mtime
+  done.unlink()
+  result = _reproduce("--preset", "smoke", "--out", str(out), "--data_dir",
+                      str(out.parent / "unused"))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "10 done, 1 to run" in result.stdout
+  assert "running fig6-timing" in result.stdout and "running evaluate" not in result.stdout
+  assert done.is_file() and kept.stat().st_mtime == kept_mtime
+
+
+def test_plan_runs_the_project_entry_points(tmp_path):
+  preset = load_preset("mini")
+  plan = Plan(preset, str(tmp_path), str(tmp_path / "data"))
+  stages = {s.name: s for s in plan.stages()}
+  uptrain = stages["uptrain-mini-mqa-a0.1-mean"].argv
+  assert uptrain[1:3] == ["-m", "gqa_flax.train"]
+  assert "--gin_file=reproduce/mini/uptrain.gin" in uptrain
+  assert "--gin.TRAIN_STEPS=2200" in uptrain
+  # alpha 0.1 continues the alpha 0.05 run of the same conversion (same MODEL_DIR).
+  assert [a for a in uptrain if "MODEL_DIR" in a] == [
+      a for a in stages["uptrain-mini-mqa-a0.05-mean"].argv if "MODEL_DIR" in a]
+  names = list(stages)
+  assert names.index("uptrain-mini-mqa-a0.05-mean") < names.index("uptrain-mini-mqa-a0.1-mean")
+  assert stages["convert-mini-mqa-random"].argv[1:3] == ["-m", "gqa_flax.convert"]
+  assert "--method=random" in stages["convert-mini-mqa-random"].argv
+  # alpha 0 fine-tunes the converted checkpoint; MHA the pre-trained one.
+  finetune = stages["finetune-mini-gqa2-a0-mean-gqa_mini_title"].argv
+  assert f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/runs/convert-mini-gqa2-mean/checkpoint_2000"' \
+      in finetune
+  assert "--gin.TRAIN_STEPS=2200" in finetune
+  assert len(preset.variants) == 9 and len(preset.table_variants) == 3
+  for stage in stages.values():
+    for arg in stage.argv:
+      if arg.startswith("--gin_file=") or (arg.startswith("--eval=")):
+        gin_file = arg.split("=", 1)[1].split(":", 1)[-1].split("=")[0]
+        assert os.path.isfile(os.path.join("configs", gin_file)), arg
+
+
+def test_paper_preset_uses_public_checkpoints_and_paper_tasks():
+  preset = load_preset("paper")
+  assert preset.pretrain_steps == 1_000_000
+  assert [v.label for v in preset.table_variants] == ["MHA-Large", "MHA-XXL", "MQA-XXL",
+                                                      "GQA-8-XXL"]
+  assert Variant("XXL", 8, 0.05, "mean").key == "xxl-gqa8-a0.05-mean"
+  plan = Plan(preset, "/out", None)
+  names = [s.name for s in plan.stages()]
+  assert not any(n.startswith(("prepare", "pretrain")) for n in names)
+  assert len([n for n in names if n.startswith("finetune-")]) == 11 * 7
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "nope", "--out", "/tmp/x"], "unknown preset 'nope'"),
+    (["--preset", "smoke", "--out", "/tmp/x", "--gin_bindings",
+      "Preset.variants = [('huge', 1, 0.05, 'mean')]"], "unknown model 'huge'"),
+    (["--preset", "smoke", "--out", "/tmp/x", "--gin_bindings",
+      "Preset.variants = [('tiny', 1, 0.05, 'avg')]"], "method 'avg'"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, message, capsys):
+  assert cli.main(args) == 1
+  err = capsys.readouterr().err.strip()
+  assert message in err and len(err.splitlines()) == 1
