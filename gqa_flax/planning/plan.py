@@ -13,6 +13,7 @@ import sys
 from typing import List
 
 from absl import flags
+import gin
 
 from gqa_flax.planning import decode_plan, report, search, table1, train_plan
 from gqa_flax.planning.job import Job
@@ -42,13 +43,18 @@ def plan_train(job: Job, topology: Topology) -> str:
   partitioner = TopologyPartitioner(job.num_partitions, devices=topology.devices)
   hbm = topology.hbm_bytes
   devices = topology.num_devices
-  steps = {job.batch_size: train_plan.compile_train_step(job, partitioner, job.batch_size)}
+  steps = {}
+
+  def compile_at(batch_size):
+    if batch_size not in steps:
+      steps[batch_size] = train_plan.compile_train_step(job, partitioner, batch_size)
+    return steps[batch_size]
+
+  compile_at(job.batch_size)
   best = None
   if FLAGS.search_batch:
-    best, compiled = search.largest_fitting(
-        lambda b: train_plan.compile_train_step(job, partitioner, b * devices),
-        search.powers_of_two(FLAGS.max_train_batch_per_chip), hbm)
-    steps.update({b * devices: step for b, step in compiled.items()})
+    best, _ = search.largest_fitting(lambda b: compile_at(b * devices),
+                                     search.powers_of_two(FLAGS.max_train_batch_per_chip), hbm)
   rows = [report.memory_row(f"train step, global batch {b}", f"{b / devices:g}", step,
                             topology.generation) for b, step in sorted(steps.items())]
   lengths = job.task_feature_lengths
@@ -75,12 +81,22 @@ def plan_decoding(job: Job, topology: Topology) -> str:
   return report.decode_table(plans, topology, FLAGS.decode_inputs_len, FLAGS.decode_targets_len)
 
 
+def _check_model_bound() -> None:
+  try:
+    gin.query_parameter("%MODEL")
+  except ValueError:
+    raise ValueError("no model to plan: pass a gin file that sets MODEL, e.g. "
+                     "--gin_file=experiments/uptrain_xxl_gqa8.gin or models/t5_1_1/xxl.gin"
+                     ) from None
+
+
 def main() -> None:
   topology = get_topology(FLAGS.topology)
   if FLAGS.table1:
     print(table1.simulate(topology, FLAGS.decode_inputs_len, FLAGS.decode_targets_len,
                           FLAGS.max_decode_batch_per_chip))
     return
+  _check_model_bound()
   job = Job()
   sections: List[str] = []
   if FLAGS.train:
