@@ -7,7 +7,8 @@
 Compiles on this machine for the slice through libtpu (the `tpu` extra): the run's train step
 at its BATCH_SIZE and at the largest per-chip batch that fits, then greedy decoding (prefill
 and one step) for MHA, MQA and GQA-G variants of the model at the largest batch up to
---max_decode_batch_per_chip that fits. Prints per-chip memory, flops, bytes and XLA times.
+--max_decode_batch_per_chip that fits. Prints per-chip memory against HBM, flops, bytes
+accessed, and times on the chip's roofline and from XLA's cost model.
 """
 import sys
 from typing import List

@@ -3,9 +3,7 @@ from typing import Iterable, Optional, Sequence
 
 from gqa_flax.planning.compiled import CompiledStep
 from gqa_flax.planning.decode_plan import DecodePlan
-from gqa_flax.planning.topology import Generation, Topology
-
-GiB = 1024 ** 3
+from gqa_flax.planning.topology import GiB, Generation, Topology
 
 
 def gib(num_bytes: float) -> str:
