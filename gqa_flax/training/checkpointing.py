@@ -38,9 +38,10 @@ _OPTIMIZER_PATH = "state/param_states"
 class SaveCheckpointConfig:
   """period: steps between saves; keep: how many to keep (None: all).
 
-  With `metric_name_to_monitor` (e.g. 'inference_eval/gqa_cnn_dailymail/rougeLsum'), the
-  `keep` best checkpoints by that metric are kept (`metric_mode` 'max' or 'min'), like T5X's
-  `SaveBestCheckpointer`; checkpoints saved without metrics are kept too.
+  With `metric_name_to_monitor` (e.g. 'inference_eval/gqa_cnn_dailymail/rouge1', see
+  `evaluation.inference_metric_name`), the `keep` best checkpoints by that metric are kept
+  (`metric_mode` 'max' or 'min'), like T5X's `SaveBestCheckpointer`; checkpoints saved without
+  metrics are kept too.
   """
   period: int = 1000
   keep: Optional[int] = None
@@ -182,7 +183,9 @@ class Checkpointer:
   """MODEL_DIR's CheckpointManager: async saves every `period` steps, resume from the latest."""
 
   def __init__(self, model_dir: str, save: SaveCheckpointConfig):
-    best = save.metric_name_to_monitor
+    best = self.metric_name = save.metric_name_to_monitor
+    if save.metric_mode not in ("max", "min"):
+      raise ValueError(f"SaveCheckpointConfig.metric_mode={save.metric_mode!r}: use 'max' or 'min'")
     options = ocp.CheckpointManagerOptions(
         step_prefix=orbax_format.STEP_PREFIX, max_to_keep=save.keep,
         save_interval_steps=save.period, enable_async_checkpointing=True,
@@ -196,8 +199,14 @@ class Checkpointer:
   def save(self, state: TrainState, config: T5Config, batches_consumed: int,
            metrics: Optional[Dict[str, float]] = None, force: bool = False) -> bool:
     """Starts an async save of step `state.step` when due (or `force`); True if it started."""
+    step = int(state.step)
+    if (metrics is not None and self.metric_name is not None and self.metric_name not in metrics
+        and (force or self.manager.should_save(step))):
+      raise ValueError(f"the monitored metric {self.metric_name!r} is not among the step's "
+                       f"metrics {sorted(metrics)}; fix SaveCheckpointConfig."
+                       "metric_name_to_monitor (inference_eval/* needs infer_eval_dataset_cfg)")
     return self.manager.save(
-        int(state.step), force=force, metrics=metrics, args=ocp.args.Composite(**{
+        step, force=force, metrics=metrics, args=ocp.args.Composite(**{
             orbax_format.STATE_ITEM: ocp.args.StandardSave(checkpoint_tree(state)),
             orbax_format.CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(config)),
             DATASET_ITEM: ocp.args.JsonSave({"batches_consumed": batches_consumed})}))

@@ -133,13 +133,26 @@ class InferenceEvaluator:
             for task, task_metrics in metrics.result().items()}
 
 
-def flat_metric_names(metrics: TaskMetrics, prefix: str = "inference_eval") -> Dict[str, float]:
-  """{'inference_eval/{task}/{metric}': value}, T5X's names for inference metrics."""
-  return {f"{prefix}/{task}/{name}": value
+@gin.configurable
+def inference_metric_name(task: str, metric: str) -> str:
+  """T5X's name of an inference-eval metric: 'inference_eval/{task}/{metric}'."""
+  return f"inference_eval/{task}/{metric}"
+
+
+def flat_metric_names(metrics: TaskMetrics) -> Dict[str, float]:
+  """{'inference_eval/{task}/{metric}': value}."""
+  return {inference_metric_name(task, name): value
           for task, task_metrics in metrics.items() for name, value in task_metrics.items()}
 
 
 METRICS_FILE = "metrics.json"
+
+
+def check_checkpoint_path(checkpoint_path: Optional[str]) -> None:
+  """Fails early, naming the fix, when CHECKPOINT_PATH is unset or missing."""
+  if not checkpoint_path or not os.path.exists(checkpoint_path):
+    raise FileNotFoundError(f"CHECKPOINT_PATH {checkpoint_path!r} does not exist; pass "
+                            "--gin.CHECKPOINT_PATH=\"/model_dir/checkpoint_<step>\"")
 
 
 def restore_model(checkpoint_path: str, model: Optional[EncoderDecoderModel] = None
@@ -149,8 +162,7 @@ def restore_model(checkpoint_path: str, model: Optional[EncoderDecoderModel] = N
   The checkpoint's stored config wins; `model`'s config is used for a checkpoint that stores
   none (T5X legacy), where the reader otherwise infers it from the parameter shapes.
   """
-  if not os.path.exists(checkpoint_path):
-    raise FileNotFoundError(f"CHECKPOINT_PATH {checkpoint_path} does not exist")
+  check_checkpoint_path(checkpoint_path)
   loaded = checkpoints.load_checkpoint(checkpoint_path)
   config: T5Config = loaded.config
   if model is not None and checkpoints.open_checkpoint(checkpoint_path).format == "t5x_legacy":
@@ -176,8 +188,7 @@ def evaluate(*, dataset_cfg: DatasetConfig, checkpoint_path: str, output_dir: st
              model: Optional[EncoderDecoderModel] = None) -> TaskMetrics:
   """Scores the checkpoint on the first `num_examples` (None: all) examples of the split;
   writes metrics.json and the predictions files to `output_dir`; returns {task: {metric: v}}."""
-  if not checkpoint_path:
-    raise ValueError("CHECKPOINT_PATH is not set; pass --gin.CHECKPOINT_PATH=\"/path\"")
+  check_checkpoint_path(checkpoint_path)
   if not output_dir:
     raise ValueError("EVAL_OUTPUT_DIR is not set; pass --gin.EVAL_OUTPUT_DIR=\"/path\"")
   os.makedirs(output_dir, exist_ok=True)

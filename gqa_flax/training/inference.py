@@ -20,8 +20,8 @@ import tensorflow as tf
 from gqa_flax import decoding
 from gqa_flax.training.data_pipeline import DatasetConfig
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
-from gqa_flax.training.evaluation import (PredictBatchFn, greedy_predict_fn, predict_dataset,
-                                          restore_model)
+from gqa_flax.training.evaluation import (PredictBatchFn, check_checkpoint_path,
+                                          greedy_predict_fn, predict_dataset, restore_model)
 
 PREDICTIONS_FILE = "predictions.jsonl"
 
@@ -60,8 +60,7 @@ def infer(*, dataset_cfg: DatasetConfig, checkpoint_path: str, output_dir: str,
           model: Optional[EncoderDecoderModel] = None) -> str:
   """Decodes the first `num_examples` (None: all) inputs of `dataset_cfg`'s split, or of
   `inputs_file` (one input per line), with the checkpoint; returns the predictions file."""
-  if not checkpoint_path:
-    raise ValueError("CHECKPOINT_PATH is not set; pass --gin.CHECKPOINT_PATH=\"/path\"")
+  check_checkpoint_path(checkpoint_path)
   if not output_dir:
     raise ValueError("INFER_OUTPUT_DIR is not set; pass --gin.INFER_OUTPUT_DIR=\"/path\"")
   if beam_size < 1 or (num_examples is not None and num_examples < 1):

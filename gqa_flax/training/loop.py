@@ -4,7 +4,10 @@ Reads top to bottom like T5X's `train.py`: check the configuration, build the me
 (abstract) train state, resume from MODEL_DIR's latest checkpoint or initialise (optionally
 from a RestoreCheckpointConfig, e.g. a converted checkpoint for uptraining), then loop over
 deterministic batches: train step, progress log, metrics, periodic teacher-forced eval, async
-checkpoints. `train(...)` is gin-configurable and returns a summary dict.
+checkpoints. With `infer_eval_dataset_cfg` every saved checkpoint is also decoded and scored
+with the task's metrics (T5X's infer_eval, `inference_eval/{task}/{metric}`), which
+SaveCheckpointConfig.metric_name_to_monitor can keep the best checkpoints by.
+`train(...)` is gin-configurable and returns a summary dict.
 """
 import logging
 import math
@@ -15,7 +18,7 @@ import gin
 import jax
 import optax
 
-from gqa_flax.training import checkpointing, data_pipeline, trainer
+from gqa_flax.training import checkpointing, data_pipeline, evaluation, trainer
 from gqa_flax.training.adafactor import adafactor
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 from gqa_flax.training.metrics_writer import MetricsWriter
@@ -63,8 +66,14 @@ def train(*, model: EncoderDecoderModel, train_dataset_cfg: data_pipeline.Datase
           checkpoint_cfg: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
           train_eval_dataset_cfg: Optional[data_pipeline.DatasetConfig] = None,
           eval_period: int = 1000, eval_steps: int = 20, stats_period: int = 100,
+          infer_eval_dataset_cfg: Optional[data_pipeline.DatasetConfig] = None,
+          infer_eval_num_examples: Optional[int] = None,
           random_seed: int = 0) -> Dict[str, Any]:
-  """Trains until global step `total_steps`; returns {'step', 'loss', 'first_loss', ...}."""
+  """Trains until global step `total_steps`; returns {'step', 'loss', 'first_loss', ...}.
+
+  infer_eval_dataset_cfg: a split decoded and scored at every checkpoint save (its first
+  `infer_eval_num_examples` examples, None: all).
+  """
   optimizer = optimizer or adafactor()
   partitioner = partitioner or Partitioner()
   if not model_dir:
@@ -74,6 +83,8 @@ def train(*, model: EncoderDecoderModel, train_dataset_cfg: data_pipeline.Datase
   resuming = checkpointer.latest_step() is not None
   restore_dir = None if resuming else checkpoint_cfg.restore.checkpoint_dir()
   train_dataset_cfg.task()
+  inference_evaluator = None if infer_eval_dataset_cfg is None else \
+      evaluation.InferenceEvaluator(infer_eval_dataset_cfg, infer_eval_num_examples)
   os.makedirs(model_dir, exist_ok=True)
   with open(os.path.join(model_dir, "config.gin"), "w") as f:
     f.write(gin.config_str())
@@ -121,6 +132,10 @@ def train(*, model: EncoderDecoderModel, train_dataset_cfg: data_pipeline.Datase
         eval_metrics = {f"train_eval/{name}": value for name, value in evaluate_loss(
             model, state.params, partitioner, train_eval_dataset_cfg, eval_steps).items()}
         writer.write(step, eval_metrics)
+      if inference_evaluator is not None and (final or checkpointer.manager.should_save(step)):
+        scores = evaluation.flat_metric_names(inference_evaluator.evaluate(model, state.params, step))
+        writer.write(step, scores)
+        eval_metrics = {**(eval_metrics or {}), **scores}
       checkpointer.save(state, model.config, batches_consumed, metrics=eval_metrics, force=final)
     if metrics is not None:
       summary.update({name: float(value) for name, value in jax.device_get(metrics).items()})
