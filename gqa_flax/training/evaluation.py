@@ -87,7 +87,6 @@ def _jsonable(value: Any) -> Any:
   return value.item() if isinstance(value, np.generic) else value
 
 
-@gin.configurable
 class InferenceEvaluator:
   """Decodes and scores `dataset_cfg`'s split (its batch size, lengths and task).
 

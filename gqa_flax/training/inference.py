@@ -13,7 +13,6 @@ import os
 from typing import Any, Optional
 
 import gin
-import numpy as np
 import seqio
 import tensorflow as tf
 
