@@ -127,8 +127,10 @@ def best_decode_plan(config: T5Config, topology: Topology, num_partitions: int, 
     plans[batch_per_chip] = p = plan_decode(
         config, topology, num_partitions, batch_per_chip, inputs_len, targets_len)
     largest = max((p.prefill, p.step), key=lambda s: (s.oom is not None, s.total_bytes))
-    logging.info("%s decoding at %d/chip: %s", config.attention_name, batch_per_chip,
-                 largest.oom or f"{largest.total_bytes / 2**30:.1f} GiB per device")
+    logging.info("%s-%d decoding at %d/chip: %s, %.4g s/sample", config.attention_name,
+                 config.num_heads, batch_per_chip,
+                 largest.oom or f"{largest.total_bytes / 2**30:.1f} GiB per device",
+                 p.seconds_per_sample)
     return largest
 
   best, _ = search.largest_fitting(compile_at, search.powers_of_two(max_batch_per_chip),
