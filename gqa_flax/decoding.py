@@ -1,7 +1,7 @@
 """Autoregressive decoding from the cache: greedy (the paper's) and beam search (T5X's).
 
 Both are one jit-compiled `lax.while_loop`: the encoder runs once, the cache is created once
-(self-attention K/V zeros `[batch, max_decode_length, kv_heads, head_dim]`, cross-attention
+(self-attention K/V zeros `[batch, kv_heads, max_decode_length, head_dim]`, cross-attention
 K/V projected from the encoder output), then each step feeds one token per sequence and
 updates the cache in place (the loop carry), with no host round trip until the end. The
 loop stops when every sequence has produced EOS or after `max_decode_length` tokens.

@@ -4,7 +4,9 @@ Query head h uses key/value head h // (H / G): the H query heads are split into 
 contiguous groups, exactly as `jax.nn.dot_product_attention`, PyTorch SDPA `enable_gqa`
 and the checkpoint converter (`gqa_flax.checkpoints.convert`) group them. Keys and values
 are never repeated to H heads: queries are reshaped to `[batch, q_len, kv_heads, group,
-head_dim]` and contracted against `[batch, kv_len, kv_heads, head_dim]`.
+head_dim]` and contracted against heads-major `[batch, kv_heads, kv_len, head_dim]`, the
+layout of the decode caches, so a decode step reads each cache once, contiguously, as a
+batched matrix product (no per-step transpose of the cache).
 """
 from typing import Optional
 
@@ -22,15 +24,19 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
   return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
 
 
-def grouped_dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                                  bias: Optional[jax.Array] = None,
-                                  dropout: Optional[nn.Module] = None,
-                                  deterministic: bool = True) -> jax.Array:
+def heads_major(x: jax.Array) -> jax.Array:
+  """[batch, len, heads, head_dim] -> [batch, heads, len, head_dim]."""
+  return x.transpose(0, 2, 1, 3)
+
+
+def grouped_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                      bias: Optional[jax.Array] = None, dropout: Optional[nn.Module] = None,
+                      deterministic: bool = True) -> jax.Array:
   """Softmax attention with `kv_heads` dividing `heads`; no 1/sqrt(head_dim) scaling.
 
   Args:
     query: [batch, q_len, heads, head_dim].
-    key, value: [batch, kv_len, kv_heads, head_dim].
+    key, value: heads-major [batch, kv_heads, kv_len, head_dim].
     bias: additive float bias broadcastable to [batch, heads, q_len, kv_len]; its head
       axis has size `heads` (per query head, e.g. relative position bias) or 1.
     dropout: applied to the attention weights (T5X broadcasts it over queries).
@@ -38,10 +44,10 @@ def grouped_dot_product_attention(query: jax.Array, key: jax.Array, value: jax.A
     [batch, q_len, heads, head_dim] in the query's dtype.
   """
   batch, q_len, heads, head_dim = query.shape
-  kv_heads = key.shape[-2]
+  kv_heads = key.shape[1]
   group = heads // kv_heads
   query = query.reshape(batch, q_len, kv_heads, group, head_dim)
-  logits = jnp.einsum("bqkgd,btkd->bkgqt", query, key,
+  logits = jnp.einsum("bqkgd,bktd->bkgqt", query, key,
                       preferred_element_type=jnp.float32)  # [b, kv_heads, group, q, t]
   if bias is not None:
     bias = bias.reshape(bias.shape[0], -1, 1 if bias.shape[1] == 1 else group, *bias.shape[2:])
@@ -49,8 +55,17 @@ def grouped_dot_product_attention(query: jax.Array, key: jax.Array, value: jax.A
   weights = jax.nn.softmax(logits, axis=-1)
   if dropout is not None:
     weights = dropout(weights, deterministic=deterministic)
-  out = jnp.einsum("bkgqt,btkd->bqkgd", weights.astype(value.dtype), value)
+  out = jnp.einsum("bkgqt,bktd->bqkgd", weights.astype(value.dtype), value)
   return out.reshape(batch, q_len, heads, head_dim)
+
+
+def grouped_dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                                  bias: Optional[jax.Array] = None,
+                                  dropout: Optional[nn.Module] = None,
+                                  deterministic: bool = True) -> jax.Array:
+  """`grouped_attention` with key, value [batch, kv_len, kv_heads, head_dim]."""
+  return grouped_attention(query, heads_major(key), heads_major(value), bias, dropout,
+                           deterministic)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -61,10 +76,10 @@ class MultiHeadDotProductAttention(nn.Module):
   folds in 1/sqrt(head_dim), so none is applied at run time.
 
   Decoding caches (collection 'cache'):
-    self-attention: `cached_key`, `cached_value` [batch, max_decode_length, kv_heads,
+    self-attention: `cached_key`, `cached_value` [batch, kv_heads, max_decode_length,
       head_dim], written in place at the decode position each step;
     cross-attention (`is_cross_attention`): `cached_key`, `cached_value`
-      [batch, inputs_len, kv_heads, head_dim], projected from the encoder output once, at
+      [batch, kv_heads, inputs_len, head_dim], projected from the encoder output once, at
       the call that creates the cache, then reused at every step.
   """
   num_heads: int
@@ -90,8 +105,9 @@ class MultiHeadDotProductAttention(nn.Module):
     kv_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
     query_init = lambda *args: kv_init(*args) / jnp.sqrt(self.head_dim).astype(args[-1])
     query = self._projection(self.num_heads, "query", query_init)(inputs_q)
-    project_kv = lambda: (self._projection(self.num_kv_heads, "key", kv_init)(inputs_kv),
-                          self._projection(self.num_kv_heads, "value", kv_init)(inputs_kv))
+    project_kv = lambda: (  # heads-major [batch, kv_heads, kv_len, head_dim]
+        heads_major(self._projection(self.num_kv_heads, "key", kv_init)(inputs_kv)),
+        heads_major(self._projection(self.num_kv_heads, "value", kv_init)(inputs_kv)))
     if not decode:
       key, value = project_kv()
     elif self.is_cross_attention:
@@ -100,7 +116,7 @@ class MultiHeadDotProductAttention(nn.Module):
       key, value = self._self_attention_cache(*project_kv(), decode_position, max_decode_length)
 
     dropout = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,)) if self.dropout_rate else None
-    out = grouped_dot_product_attention(query, key, value, bias, dropout, deterministic)
+    out = grouped_attention(query, key, value, bias, dropout, deterministic)
     return layers.DenseGeneral(inputs_q.shape[-1], ("joined_kv", "embed"), num_contracting_axes=2,
                                kernel_init=kv_init, dtype=self.dtype, name="out")(out)
 
@@ -114,17 +130,17 @@ class MultiHeadDotProductAttention(nn.Module):
     return key, value
 
   def _self_attention_cache(self, key, value, decode_position, max_decode_length):
-    """Writes this step's K/V [batch, q_len, kv_heads, head_dim] at `decode_position`.
+    """Writes this step's K/V [batch, kv_heads, q_len, head_dim] at `decode_position`.
 
     The call that creates the cache (zeros, `max_decode_length` long) leaves it unchanged.
     Returns the whole cache; the caller's bias masks positions not yet decoded.
     """
     is_initialized = self.has_variable("cache", "cached_key")
-    batch, _, kv_heads, head_dim = key.shape
-    shape = (batch, max_decode_length, kv_heads, head_dim)
+    batch, kv_heads, _, head_dim = key.shape
+    shape = (batch, kv_heads, max_decode_length, head_dim)
     cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
-    index = (0, decode_position, 0, 0)
+    index = (0, 0, decode_position, 0)
     key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), index)
     value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), index)
     if is_initialized:
