@@ -3,13 +3,13 @@
 Writes a random-valued T5.1.1 checkpoint (default Large, 783M parameters, float32 ~3.1 GB) as a
 legacy T5X checkpoint (TensorStore zarr arrays, the public checkpoints' format), one array at a
 time, then converts it to GQA-G in a subprocess (so the writer's memory does not count) and
-prints wall time, throughput and the converter's peak RSS beside the checkpoint size.
+prints wall time, throughput and the converter's peak RSS (its VmHWM) beside the checkpoint
+size.
 
   python scripts/bench_convert.py [--size large] [--num_kv_heads 8] [--workdir DIR]
 """
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -23,6 +23,18 @@ from gqa_flax.checkpoints.arrays import LazyArray
 from gqa_flax.checkpoints.shapes import expected_shapes
 from gqa_flax.checkpoints.t5x_legacy import write_t5x_legacy
 from gqa_flax.models.config import PRESETS, t5_1_1_config
+
+# gqa-convert, then its own peak RSS (VmHWM) written to argv[1]. Not getrusage: a child's
+# ru_maxrss also counts the parent's RSS at the fork (this script holds jax and has written
+# the checkpoint), which would overstate the converter's.
+_CONVERT_REPORTING_PEAK_RSS = """
+import sys
+from gqa_flax.convert import main
+code = main(sys.argv[2:])
+with open("/proc/self/status") as status, open(sys.argv[1], "w") as out:
+  out.write(next(line for line in status if line.startswith("VmHWM:")))
+sys.exit(code)
+"""
 
 
 def random_checkpoint(directory: str, size: str) -> int:
@@ -58,11 +70,13 @@ def main():
   try:
     src, dst = os.path.join(workdir, "checkpoint_1000000"), os.path.join(workdir, "gqa")
     param_bytes = random_checkpoint(src, args.size)
+    peak_file = os.path.join(workdir, "peak_rss")
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "gqa_flax.convert", "--src", src, "--dst", dst,
-                    "--num_kv_heads", str(args.num_kv_heads)], check=True)
+    subprocess.run([sys.executable, "-c", _CONVERT_REPORTING_PEAK_RSS, peak_file, "--src", src,
+                    "--dst", dst, "--num_kv_heads", str(args.num_kv_heads)], check=True)
     wall = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB.
+    with open(peak_file) as f:
+      peak_rss = int(f.read().split()[1]) * 1024  # 'VmHWM: N kB'.
     gb = 1e9
     print(f"T5.1.1-{args.size} -> GQA-{args.num_kv_heads}: "
           f"{param_bytes / 4 / 1e6:.0f}M parameters, checkpoint {param_bytes / gb:.2f} GB "

@@ -2,21 +2,30 @@
 
 Every reader in this package describes a checkpoint as `{name: LazyArray}` with T5X names
 joined by '/' (`decoder/layers_0/self_attention/key/kernel`), so that the converter can read,
-convert and write one array at a time and `load` can read them all.
+convert and write one array at a time and `load` can read them all. Readers that can read an
+array in row blocks (TensorStore partial reads, a streamed gzip chunk) also give `read_blocks`,
+so that even the largest arrays stream through the converter a few MiB at a time.
 """
 import dataclasses
 import math
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
+
+BLOCK_BYTES = 8 * 2**20  # Target size of the row blocks arrays stream in.
 
 
 @dataclasses.dataclass(frozen=True)
 class LazyArray:
-  """An array stored in a checkpoint, read from disk only when `read()` is called."""
+  """An array stored in a checkpoint, read from disk only when `read()` is called.
+
+  `read_blocks()`, where given, yields the array's successive row blocks ([n_i, *shape[1:]],
+  any n_i) without holding the whole array.
+  """
   shape: Tuple[int, ...]
   dtype: np.dtype
   read: Callable[[], np.ndarray]
+  read_blocks: Optional[Callable[[], Iterator[np.ndarray]]] = None
 
   @property
   def size(self) -> int:
@@ -25,6 +34,40 @@ class LazyArray:
   @property
   def nbytes(self) -> int:
     return self.size * np.dtype(self.dtype).itemsize
+
+  def block_rows(self) -> int:
+    """Rows per block of about BLOCK_BYTES (at least 1) of this array (ndim >= 1)."""
+    return max(1, BLOCK_BYTES * self.shape[0] // max(self.nbytes, 1))
+
+  def blocks(self, rows: int) -> Iterator[np.ndarray]:
+    """Successive [rows, *shape[1:]] blocks (the last may have fewer rows) of this array."""
+    return rebatched(self.read_blocks() if self.read_blocks else [self.read()], rows)
+
+
+def rebatched(blocks: Iterable[np.ndarray], rows: int) -> Iterator[np.ndarray]:
+  """Row blocks of any sizes -> blocks of exactly `rows` rows (the last may have fewer)."""
+  pending, count = [], 0
+  for block in blocks:
+    while len(block):
+      piece, block = block[:rows - count], block[rows - count:]
+      pending.append(piece)
+      count += len(piece)
+      if count == rows:
+        yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+        pending, count = [], 0
+  if pending:
+    yield np.concatenate(pending)
+
+
+def mapped(array: LazyArray, fn: Callable[[np.ndarray], np.ndarray],
+           shape: Optional[Tuple[int, ...]] = None, dtype: Optional[np.dtype] = None) -> LazyArray:
+  """`fn(array)` as a LazyArray; `fn` must act on rows independently (it is given row blocks).
+
+  shape, dtype: those of the result (default: those of `array`); rows are kept.
+  """
+  blocks = None if array.read_blocks is None else lambda: map(fn, array.read_blocks())
+  return LazyArray(shape or array.shape, array.dtype if dtype is None else dtype,
+                   lambda: fn(array.read()), blocks)
 
 
 def in_memory(array: np.ndarray) -> LazyArray:

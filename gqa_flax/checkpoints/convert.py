@@ -8,9 +8,11 @@ contiguous (query head h -> group h // (H/G)), as at run time:
   first   each group keeps its first head's projection;
   random  fresh weights from the model's own key/value initializer (seeded per array).
 
-Streaming: each array is read, converted and written on its own (`LazyArray`s written by
-Orbax through `orbax_format.LazyArrayHandler`), so memory is bounded by a few of the largest
-arrays, not by the checkpoint. DST is written to a temporary sibling and renamed at the end.
+Streaming: each array is read, converted and written on its own, in row blocks of about
+`arrays.BLOCK_BYTES` where its reader can read blocks (`LazyArray`s written by Orbax through
+`orbax_format.LazyArrayHandler`), so memory is bounded by a few blocks (a few of the largest
+arrays for sources read whole), not by the checkpoint. DST is written to a temporary sibling
+and renamed at the end.
 Optimizer state is not carried over (uptraining restarts it, as T5X's sparse upcycling does).
 """
 import itertools
@@ -28,7 +30,7 @@ from flax.linen import meta
 from tqdm import tqdm
 
 from gqa_flax.checkpoints import orbax_format
-from gqa_flax.checkpoints.arrays import LazyArray, unflatten
+from gqa_flax.checkpoints.arrays import LazyArray, mapped, unflatten
 from gqa_flax.checkpoints.reader import CheckpointSource, open_checkpoint
 from gqa_flax.models.attention import MultiHeadDotProductAttention
 from gqa_flax.models.config import T5Config
@@ -82,14 +84,14 @@ def _converted(name: str, array: LazyArray, config: T5Config, num_kv_heads: int,
     return LazyArray(shape, array.dtype,
                      lambda: random_kv(name, config, num_kv_heads, seed).astype(array.dtype))
   pool = mean_pool_kv if method == "mean" else first_head_kv
-  return LazyArray(shape, array.dtype, lambda: pool(array.read(), num_kv_heads, config.head_dim))
+  return mapped(array, lambda kernel: pool(kernel, num_kv_heads, config.head_dim), shape)
 
 
 def _cast(array: LazyArray, dtype: Optional[np.dtype]) -> LazyArray:
   """Floating arrays cast to `dtype` (None: kept as stored)."""
   if dtype is None or array.dtype == dtype or not jnp.issubdtype(array.dtype, jnp.floating):
     return array
-  return LazyArray(array.shape, dtype, lambda: array.read().astype(dtype))
+  return mapped(array, lambda value: value.astype(dtype), dtype=dtype)
 
 
 def convert_arrays(source: CheckpointSource, num_kv_heads: int,
@@ -113,16 +115,20 @@ def convert_arrays(source: CheckpointSource, num_kv_heads: int,
 
 
 def _with_progress(arrays: Dict[str, LazyArray], bar: tqdm) -> Dict[str, LazyArray]:
-  """The same arrays, each advancing `bar` by its bytes once read."""
+  """The same arrays, advancing `bar` by the bytes of each block read."""
   done = itertools.count(1)
 
   def tracked(array):
-    def read():
-      value = array.read()
-      bar.set_postfix_str(f"{next(done)}/{len(arrays)} arrays", refresh=False)
-      bar.update(array.nbytes)
+    unread = [array.nbytes]
+
+    def update(value):
+      bar.update(value.nbytes)
+      unread[0] -= value.nbytes
+      if not unread[0]:
+        bar.set_postfix_str(f"{next(done)}/{len(arrays)} arrays", refresh=False)
       return value
-    return LazyArray(array.shape, array.dtype, read)
+
+    return mapped(array, update)
 
   return {name: tracked(array) for name, array in arrays.items()}
 

@@ -11,8 +11,9 @@ options=CheckpointManagerOptions(step_prefix='checkpoint'))`; step `s` lives in
   metadata  JSON provenance of a converted checkpoint (optional).
 
 Writing streams: `save` accepts LazyArray leaves, and `LazyArrayHandler` reads, writes and
-drops them one at a time inside Orbax's own serialization, so the files are exactly what
-Orbax writes for numpy arrays (type 'np.ndarray') and any Orbax restore reads them.
+drops them one at a time, row block by row block, inside Orbax's own serialization, so the
+files are what Orbax writes for numpy arrays (type 'np.ndarray'; arrays above BLOCK_BYTES
+are chunked in bands of whole rows) and any Orbax restore reads them.
 Reading streams too: `open_orbax` lists arrays from the checkpoint's metadata and reads each
 with a partial restore of that one leaf.
 """
@@ -23,6 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
 
 from gqa_flax.checkpoints.arrays import LazyArray, flatten, unflatten
@@ -36,15 +38,30 @@ PARAMS_KEY = "target"
 
 
 class LazyArrayHandler(type_handlers.NumpyHandler):
-  """Orbax TypeHandler writing LazyArrays as numpy arrays, one array in memory at a time."""
+  """Orbax TypeHandler writing LazyArrays as numpy arrays, one row block in memory at a time.
+
+  Orbax builds each array's TensorStore spec as for a numpy array; arrays above BLOCK_BYTES
+  get zarr chunks of `block_rows()` whole rows, so that each block written fills whole chunks.
+  """
 
   def __init__(self):
     super().__init__(deepcopy_host_arrays=False)
 
   async def _background_serialize(self, values, infos, args=None):
     args = args or [ocp.SaveArgs()] * len(values)
-    for value, info, arg in zip(values, infos, args):
-      await super()._background_serialize([value.read()], [info], [arg])
+    for value, info, arg in zip(values, infos, args):  # One array at a time.
+      await super()._background_serialize([value], [info], [arg])
+
+  async def _open_and_write(self, value: LazyArray, tspec: Dict[str, Any],
+                            ts_context: ts.Context):
+    if not value.shape:
+      return await super()._open_and_write(value.read(), tspec, ts_context)
+    rows = value.block_rows()
+    if rows < value.shape[0]:
+      tspec = dict(tspec, metadata=dict(tspec["metadata"], chunks=[rows, *value.shape[1:]]))
+    store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+    for start, block in zip(range(0, value.shape[0], rows), value.blocks(rows)):
+      await store[start:start + len(block)].write(block, can_reference_source_data_indefinitely=True)
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -116,7 +133,7 @@ def _leaf_reader(state_dir: str, name: str, metadata) -> LazyArray:
 
 def open_orbax(path: str) -> Tuple[Optional[T5Config], Dict[str, LazyArray], int, Optional[dict]]:
   """(config or None for T5X's, {name: LazyArray}, step, metadata) of an Orbax checkpoint."""
-  directory = step_dir(path)
+  directory = os.path.abspath(step_dir(path))  # Orbax needs absolute paths.
   state_dir = os.path.join(directory, STATE_ITEM)
   tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
   if PARAMS_KEY not in tree:

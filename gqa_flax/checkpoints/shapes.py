@@ -55,7 +55,15 @@ def config_from_shapes(shapes: Mapping[str, Tuple[int, ...]], source: str, **ove
   mlp = "encoder/layers_0/mlp"
   activations = (("gelu", "linear") if f"{mlp}/wi_0/kernel" in shapes else ("relu",))
   mlp_dim = shape(f"{mlp}/wi_0/kernel" if len(activations) == 2 else f"{mlp}/wi/kernel")[1]
-  kv_heads = lambda kind: shape(f"decoder/layers_0/{kind}/key/kernel")[1] // head_dim
+
+  def kv_heads(kind):
+    name = f"decoder/layers_0/{kind}/key/kernel"
+    heads, rest = divmod(shape(name)[1], head_dim)
+    if rest or not heads or num_heads % heads:
+      raise ValueError(f"{source}: mis-shaped array {name} {tuple(shape(name))}: its width is not "
+                       f"head_dim={head_dim} times a divisor of num_heads={num_heads}")
+    return heads
+
   fields = dict(
       vocab_size=vocab_size, emb_dim=emb_dim, num_heads=num_heads, head_dim=head_dim,
       mlp_dim=mlp_dim, num_encoder_layers=_num_layers(shapes, "encoder"),

@@ -7,10 +7,14 @@ TensorStore spec `{'driver': 'zarr', 'kvstore': {'driver': 'file'|'gfile'|'gcs',
 named by the array's path with '.' (`target.decoder.layers_0.self_attention.key.kernel/`). The
 zarr directories carry no `.zarray`, so they are opened with the spec's metadata. Paths are
 resolved against the checkpoint directory (`gs://` paths and the `gcs` driver too: a public
-checkpoint copied to local disk is read from there). Arrays are read only when asked for.
+checkpoint copied to local disk is read from there). Arrays are read only when asked for, and
+can be read in row blocks: an array stored as one gzip chunk (as `write_t5x_legacy` writes
+them) is inflated piecewise into each block; others are read with TensorStore partial reads.
 """
+import dataclasses
 import os
-from typing import Any, Dict, Optional, Tuple
+import zlib
+from typing import Any, BinaryIO, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import tensorstore as ts
@@ -19,6 +23,7 @@ from flax import serialization
 from gqa_flax.checkpoints.arrays import LazyArray, flatten, in_memory, unflatten
 
 CHECKPOINT_FILE = "checkpoint"
+_READ_BYTES = 2**20  # Compressed bytes read, and bytes inflated, per step of a streamed chunk.
 
 
 def msgpack_file(path: str) -> Optional[str]:
@@ -46,18 +51,72 @@ def _local_path(kvstore: Dict[str, Any], checkpoint_dir: str) -> str:
   return os.path.join(checkpoint_dir, os.path.basename(path.rstrip("/")))  # Copied from GCS.
 
 
+def _single_gzip_chunk(spec: Dict[str, Any]) -> Optional[str]:
+  """The file of a zarr array stored as one gzip-compressed C-order chunk, else None."""
+  metadata = spec["metadata"]
+  shape = list(metadata["shape"])
+  if (spec["driver"] != "zarr" or not shape or metadata.get("chunks") != shape
+      or metadata.get("order", "C") != "C" or metadata.get("filters") or "dtype" in metadata
+      or (metadata.get("compressor") or {}).get("id") != "gzip"):
+    return None
+  key = metadata.get("dimension_separator", ".").join("0" * len(shape))
+  filename = os.path.join(spec["kvstore"]["path"], key)
+  return filename if os.path.isfile(filename) else None
+
+
+def _gunzip_into(out: np.ndarray, f: BinaryIO, decompressor) -> None:
+  """Fills the uint8 array `out` with the next bytes that `decompressor` inflates from `f`."""
+  filled = 0
+  while filled < len(out):
+    data = decompressor.unconsumed_tail or f.read(_READ_BYTES)
+    piece = decompressor.decompress(data, min(len(out) - filled, _READ_BYTES))
+    if not piece and not data:
+      raise EOFError(f"{f.name}: gzip chunk ends before the array does")
+    out[filled:filled + len(piece)] = np.frombuffer(piece, np.uint8)
+    filled += len(piece)
+
+
+def _gunzip_blocks(filename: str, shape: Tuple[int, ...], dtype: np.dtype,
+                   rows: int) -> Iterator[np.ndarray]:
+  """[rows, *shape[1:]] blocks of the C-order array gzipped in `filename`, inflated piecewise."""
+  decompressor = zlib.decompressobj(zlib.MAX_WBITS | 16)
+  with open(filename, "rb") as f:
+    for start in range(0, shape[0], rows):
+      block = np.empty((min(rows, shape[0] - start), *shape[1:]), dtype)
+      _gunzip_into(block.reshape(-1).view(np.uint8), f, decompressor)
+      yield block
+
+
+def _tensorstore_blocks(store: ts.TensorStore, rows: int) -> Iterator[np.ndarray]:
+  """Row blocks of `store` read with partial reads, each a whole number of chunk rows."""
+  chunk_rows = store.chunk_layout.read_chunk.shape[0]
+  rows = -(-rows // chunk_rows) * chunk_rows
+  for start in range(0, store.shape[0], rows):
+    yield store[start:min(start + rows, store.shape[0])].read().result()
+
+
 def _zarr_array(spec: Dict[str, Any], checkpoint_dir: str) -> LazyArray:
+  """A LazyArray of a TensorStore array; row blocks stream (gunzipped or partial reads)."""
   spec = dict(spec, kvstore={"driver": "file", "path": _local_path(spec["kvstore"], checkpoint_dir)})
   shape = tuple(spec["metadata"]["shape"])
   dtype = np.dtype(ts.dtype(spec["dtype"]).numpy_dtype)
 
-  def read():
+  def open_store():
     if not os.path.isdir(spec["kvstore"]["path"]):
       raise FileNotFoundError(f"TensorStore array directory {spec['kvstore']['path']} is missing")
-    store = ts.open(spec, open=True, assume_metadata=True).result()
-    return store.read().result()
+    return ts.open(spec, open=True, assume_metadata=True).result()
 
-  return LazyArray(shape, dtype, read)
+  array = LazyArray(shape, dtype, lambda: open_store().read().result())
+  if not shape:
+    return array
+
+  def read_blocks():
+    chunk_file = _single_gzip_chunk(spec)
+    if chunk_file:
+      return _gunzip_blocks(chunk_file, shape, dtype, array.block_rows())
+    return _tensorstore_blocks(open_store(), array.block_rows())
+
+  return dataclasses.replace(array, read_blocks=read_blocks)
 
 
 def read_tree(path: str) -> dict:
