@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gqa_flax.checkpoints import orbax_format
+from gqa_flax.checkpoints.arrays import unflatten
 from gqa_flax.models import T5Config, config_to_dict
 from gqa_flax.training.trainer import TrainState
 
@@ -101,17 +102,6 @@ def _flat(tree: Any) -> Dict[str, Any]:
   return {_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _unflatten(flat: Dict[str, Any]) -> dict:
-  tree: dict = {}
-  for name, value in flat.items():
-    *parents, last = name.split("/")
-    node = tree
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[last] = value
-  return tree
-
-
 def checkpoint_tree(state: TrainState) -> dict:
   """The `state` item layout of a TrainState."""
   return {orbax_format.PARAMS_KEY: state.params,
@@ -165,16 +155,16 @@ def restore_from(config: RestoreCheckpointConfig, directory: str, fresh: TrainSt
     items[_OPTIMIZER_PATH] = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), optimizer_tree)
     args[_OPTIMIZER_PATH] = ocp.checkpoint_utils.construct_restore_args(items[_OPTIMIZER_PATH])
-  item_tree = _unflatten(items)
+  item_tree = unflatten(items)
   restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=item_tree, restore_args=_unflatten(args), partial_restore=True))
+      item=item_tree, restore_args=unflatten(args), partial_restore=True))
   restored_flat = _flat(restored)
   values = {dest: restored_flat[src] for src, (dest, _) in requests.items()}
   param_states = (restored["state"]["param_states"] if restore_optimizer
                   else fresh.param_states)
   new = {path: values.get(path, leaf) for path, leaf in wanted.items()
          if not path.startswith(_OPTIMIZER_PATH)}
-  tree = _unflatten(new)
+  tree = unflatten(new)
   return TrainState(step=jnp.asarray(tree["state"]["step"], jnp.int32),
                     params=tree[orbax_format.PARAMS_KEY], param_states=param_states)
 
