@@ -4,11 +4,13 @@
 # command; jax.distributed picks up the TPU pod's topology).
 #
 #   scripts/launch_tpu_vm.sh NAME ZONE ACCELERATOR OUT [RUNTIME]
-#   e.g. scripts/launch_tpu_vm.sh gqa-v4 us-central2-b v4-32 gs://my-bucket/gqa_paper
+#   e.g. GQA_BUCKET=my-bucket scripts/launch_tpu_vm.sh gqa-v4 us-central2-b v4-32 /mnt/gqa/paper
 #
-# Needs: gcloud, authenticated, with TPU quota in ZONE; OUT on GCS (shared by the workers,
-# read by the tasks' TFDS data dir / checkpoints); the T5.1.1 checkpoints are read from
-# gs://t5-data. Progress: `gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0
+# Needs: gcloud, authenticated, with TPU quota in ZONE. OUT is a local path that must be the
+# same shared directory on every worker (the stage markers and checkpoints are files): with
+# GQA_BUCKET set, the bucket is mounted with gcsfuse at /mnt/gqa on every worker. The T5.1.1
+# checkpoints are read from gs://t5-data; the tasks' TFDS data must be prepared beforehand
+# (TFDS_DATA_DIR, e.g. gs://my-bucket/tfds). Progress: `gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0
 # --command "tail -f ~/gqa_reproduce.log"`. Rerunning this script resumes the run.
 set -euo pipefail
 
@@ -42,7 +44,11 @@ run_all "set -e
   sudo apt-get -qq update && sudo apt-get -qq install -y python3.11 python3.11-venv git
   [ -d gqa-flax ] || git clone -q '$REPO_URL' gqa-flax
   cd gqa-flax && git fetch -q && git checkout -q '$REF'
-  python3.11 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e '.[tpu,plot]'"
+  python3.11 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e '.[tpu,plot]'
+  if [ -n '${GQA_BUCKET:-}' ]; then
+    sudo mkdir -p /mnt/gqa && sudo chown \$USER /mnt/gqa
+    mountpoint -q /mnt/gqa || gcsfuse --implicit-dirs '${GQA_BUCKET:-}' /mnt/gqa
+  fi"
 
 echo "starting gqa-reproduce --preset paper --out $OUT on every worker"
 run_all "cd gqa-flax && nohup env JAX_PLATFORMS=tpu .venv/bin/gqa-reproduce --preset paper \

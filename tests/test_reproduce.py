@@ -74,7 +74,7 @@ def test_plan_runs_the_project_entry_points(tmp_path):
   uptrain = stages["uptrain-mini-mqa-a0.1-mean"].argv
   assert uptrain[1:3] == ["-m", "gqa_flax.train"]
   assert "--gin_file=reproduce/mini/uptrain.gin" in uptrain
-  assert "--gin.TRAIN_STEPS=2200" in uptrain
+  assert "--gin.TRAIN_STEPS=1100" in uptrain
   # alpha 0.1 continues the alpha 0.05 run of the same conversion (same MODEL_DIR).
   assert [a for a in uptrain if "MODEL_DIR" in a] == [
       a for a in stages["uptrain-mini-mqa-a0.05-mean"].argv if "MODEL_DIR" in a]
@@ -84,9 +84,9 @@ def test_plan_runs_the_project_entry_points(tmp_path):
   assert "--method=random" in stages["convert-mini-mqa-random"].argv
   # alpha 0 fine-tunes the converted checkpoint; MHA the pre-trained one.
   finetune = stages["finetune-mini-gqa2-a0-mean-gqa_mini_title"].argv
-  assert f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/runs/convert-mini-gqa2-mean/checkpoint_2000"' \
+  assert f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/runs/convert-mini-gqa2-mean/checkpoint_1000"' \
       in finetune
-  assert "--gin.TRAIN_STEPS=2200" in finetune
+  assert "--gin.TRAIN_STEPS=1100" in finetune
   assert len(preset.variants) == 9 and len(preset.table_variants) == 3
   for stage in stages.values():
     for arg in stage.argv:

@@ -2,7 +2,7 @@
 
   gqa-reproduce --preset mini --out runs/mini        # the offline CPU reproduction
   gqa-reproduce --preset smoke --out /tmp/smoke      # the same pipeline in ~3 minutes
-  gqa-reproduce --preset paper --out gs://... or /mnt/...   # T5.1.1 Large/XXL on a TPU VM
+  gqa-reproduce --preset paper --out /mnt/gqa/paper  # T5.1.1 Large/XXL, TPU VM (shared dir)
   gqa-reproduce --preset mini --out runs/mini --list # the stage view and commands, no run
 
 Rerunning with the same --out skips finished stages and reruns failed ones. Writes

@@ -64,7 +64,7 @@ def row(plan: Plan, v: Variant, records: Dict[str, dict]) -> dict:
 def build_table(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) -> dict:
   p = plan.preset
   fig6 = records["fig6-timing"]["result"]
-  return {"preset": p.name, "hardware": hardware(), "wall_seconds": seconds,
+  return {"preset": p.name, "hardware": hardware(), "stage_seconds": seconds,
           "setup": {"pretrain_steps": p.pretrain_steps, "finetune_steps": p.finetune_steps,
                     "eval_examples_max": p.eval_examples, "eval_batch_size": p.eval_batch_size,
                     "timing_repeats": p.timing_repeats, "tasks": dict(p.tasks),
@@ -106,8 +106,8 @@ def to_markdown(table: dict) -> str:
   head = "| " + " | ".join(header) + " |"
   lines = [f"# Table 1 ({table['preset']} preset): measured", "",
            f"Hardware: {table['hardware']} (JAX device: {rows[0]['device']}).", ""]
-  if table.get("wall_seconds"):
-    lines += [f"Time of all stages (summed over invocations): {table['wall_seconds'] / 60:.1f} min.",
+  if table.get("stage_seconds"):
+    lines += [f"Time of all stages (summed over invocations): {table['stage_seconds'] / 60:.1f} min.",
               ""]
   lines += [head, sep] + [_row_md(r, tasks) for r in rows if r["in_table1"]]
   ablations = [r for r in rows if not r["in_table1"]]

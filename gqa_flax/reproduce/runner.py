@@ -48,10 +48,12 @@ def stage_view(plan: Plan, stages: List[Stage], running: Optional[str] = None) -
 
 
 def _last_line(path: str) -> str:
+  """The log's last progress line (one with an ETA), else its last line."""
   with open(path, "rb") as f:
-    f.seek(max(0, os.path.getsize(path) - 4096))
+    f.seek(max(0, os.path.getsize(path) - 16384))
     tail = f.read().decode("utf-8", "replace").replace("\r", "\n").strip().splitlines()
-  return tail[-1].strip() if tail else ""
+  progress = [line for line in tail if "ETA" in line]
+  return (progress or tail or [""])[-1].strip()
 
 
 def run_stage(plan: Plan, stage: Stage, heartbeat: float) -> dict:
