@@ -80,15 +80,22 @@ def _while_body_ops(hlo: str):
         yield op.group(2), int(np.prod([int(d) for d in op.group(1).split(",") if d]))
 
 
-def test_decode_loop_copies_no_cache():
+_MQA_CARRY_COPIES = pytest.mark.xfail(
+    strict=True, reason="known: with kv_heads == 1 XLA copies each self-attention cache in the "
+    "loop carry (the cross-attention caches are read in place)")
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, pytest.param(1, marks=_MQA_CARRY_COPIES)],
+                         ids=["MHA", "GQA-2", "MQA"])
+def test_decode_loop_copies_no_cache(kv_heads):
   """The compiled loop body neither copies nor transposes any buffer as large as a cache:
   K/V are written in place and read in their stored (heads-major) layout."""
-  config = _config(num_kv_heads=2, head_dim=8)
+  config = _config(num_kv_heads=kv_heads, head_dim=16)
   model = Transformer(config)
   inputs = jax.ShapeDtypeStruct((4, 64), jnp.int32)
   params = jax.eval_shape(_init, model, jnp.ones((1, 4), jnp.int32))
   hlo = decoding.greedy_decode.lower(model, params, inputs, 32, -1).compile().as_text()
-  smallest_cache = 4 * 2 * 32 * 8  # [batch, kv_heads, max_decode_length, head_dim]
+  smallest_cache = 4 * kv_heads * 32 * 16  # [batch, kv_heads, max_decode_length, head_dim]
   ops = list(_while_body_ops(hlo))
   assert any(op == "dot" for op, _ in ops)
   big = [(op, n) for op, n in ops if op in ("copy", "transpose") and n >= smallest_cache]

@@ -55,8 +55,8 @@ def grouped_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   weights = jax.nn.softmax(logits, axis=-1)
   if dropout is not None:
     weights = dropout(weights, deterministic=deterministic)
-  out = jnp.einsum("bkgqt,bktd->bqkgd", weights.astype(value.dtype), value)
-  return out.reshape(batch, q_len, heads, head_dim)
+  out = jnp.einsum("bkgqt,bktd->bkgqd", weights.astype(value.dtype), value)
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
 
 
 def grouped_dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
