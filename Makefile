@@ -1,4 +1,4 @@
-# The two commands of the README: `make reproduce` (main job) and `make test`.
+# The two commands of the README: `make reproduce` (the main job) and `make test`.
 # Both create .venv and install the pinned versions from constraints.txt first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,9 +17,11 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
+# The main job: Table 1 and Figures 3-6, mini preset, on this CPU (resumable; see README).
+reproduce: $(VENV)/.installed
+	$(PY) -m gqa_flax.reproduce.cli --preset mini --out runs/mini
+
 demo: $(VENV)/.installed
 	$(PY) -m gqa_flax.demo
-
-reproduce: demo
 
 .PHONY: install test demo reproduce

@@ -49,6 +49,8 @@ setuptools.setup(
             "gqa-eval=gqa_flax.eval:console",
             "gqa-infer=gqa_flax.infer:console",
             "gqa-convert=gqa_flax.convert:main",
+            "gqa-reproduce=gqa_flax.reproduce.cli:console",
+            "gqa-plan=gqa_flax.planning.plan:console",
         ],
     },
 )
