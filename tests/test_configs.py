@@ -13,7 +13,9 @@ CONFIGS = gin_utils.CONFIGS_DIR
 TASKS = sorted(glob.glob(os.path.join(CONFIGS, "experiments", "tasks", "*.gin")))
 # Files that need others first (a run needs a model, a task file needs a finetune experiment).
 PREFIX = {"runs": ["models/t5_1_1/tiny.gin"], "attention": ["models/t5_1_1/xxl.gin"],
-          "tasks": ["experiments/finetune_gqa8_xxl.gin"]}
+          "tasks": ["experiments/finetune_gqa8_xxl.gin"], "plan": ["models/t5_1_1/tiny.gin"],
+          "reproduce": ["models/t5_1_1/tiny.gin"], "mini": ["models/t5_1_1/tiny.gin"],
+          "smoke": ["models/t5_1_1/tiny.gin"], "paper": ["models/t5_1_1/tiny.gin"]}
 ALL = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, "**", "*.gin"),
                                                             recursive=True))
 # T5X sizes (emb, heads, head_dim, mlp, layers) -> parameter counts of T5.1.1 (32128 vocab).
@@ -46,6 +48,15 @@ def test_gin_file_parses_and_builds_model(name):
   if "xxl" in name or "attention" in name:
     kv_saved = 2 * cfg.num_decoder_layers * 2 * cfg.emb_dim * (cfg.num_heads - cfg.num_kv_heads) * cfg.head_dim
     assert count == XXL_PARAMS - kv_saved
+  gin.clear_config()
+
+
+def test_includes_resolve_beside_a_same_named_folder(tmp_path, monkeypatch):
+  """A folder `runs/` in the working directory (a run's output) must not shadow configs/runs/."""
+  (tmp_path / "runs").mkdir()
+  monkeypatch.chdir(tmp_path)
+  _parse(["models/t5_1_1/tiny.gin", "reproduce/mini/pretrain.gin"])  # includes runs/pretrain.gin
+  assert gin.query_parameter("train.stats_period") > 0
   gin.clear_config()
 
 

@@ -1,6 +1,6 @@
 """T5X's gin command line: --gin_file (repeatable), --gin_bindings, --gin.NAME=VALUE,
 --gin_search_paths (the repo's configs/ always searched), --tfds_data_dir."""
-import importlib.util  # noqa: F401 -- gin 0.5.0 uses importlib.util without importing it
+import importlib.util  # gin 0.5.0 uses importlib.util without importing it
 import os
 import sys
 import re
@@ -8,6 +8,8 @@ from typing import Callable, List, Sequence
 
 from absl import app, flags
 import gin
+from gin import config as gin_config
+from gin import resource_reader
 import seqio
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -28,6 +30,27 @@ def rewrite_gin_args(argv: Sequence[str]) -> List[str]:
   """`--gin.NAME=VALUE` -> `--gin_bindings=NAME=VALUE` (T5X's gin_utils.rewrite_gin_args)."""
   return [f"--gin_bindings={arg[len('--gin.'):]}" if arg.startswith("--gin.") else arg
           for arg in argv]
+
+
+def _package_file_exists(config_path: str) -> bool:
+  """gin's package-path lookup (`a/b/f.gin` as file `f.gin` of package `a.b`), made safe.
+
+  gin 0.5.0's own check crashes (TypeError) when a plain folder in the working directory,
+  e.g. a run's output `runs/`, shadows `configs/runs/` as a namespace package, and it logs an
+  ERROR line for every search-path miss. This one just answers.
+  """
+  head, filename = os.path.split(config_path)
+  try:
+    spec = importlib.util.find_spec(head.replace("/", "."))
+  except (ImportError, ValueError):
+    return False
+  return bool(spec and spec.origin) and os.path.isfile(
+      os.path.join(os.path.dirname(spec.origin), filename))
+
+
+gin_config._FILE_READERS[:] = [  # pylint: disable=protected-access
+    (reader, _package_file_exists if exists is resource_reader.system_path_file_exists else exists)
+    for reader, exists in gin_config._FILE_READERS]  # pylint: disable=protected-access
 
 
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
