@@ -119,12 +119,13 @@ def _with_progress(arrays: Dict[str, LazyArray], bar: tqdm) -> Dict[str, LazyArr
   done = itertools.count(1)
 
   def tracked(array):
-    unread = [array.nbytes]
+    unread = array.nbytes
 
     def update(value):
+      nonlocal unread
       bar.update(value.nbytes)
-      unread[0] -= value.nbytes
-      if not unread[0]:
+      unread -= value.nbytes
+      if not unread:
         bar.set_postfix_str(f"{next(done)}/{len(arrays)} arrays", refresh=False)
       return value
 

@@ -61,7 +61,8 @@ class LazyArrayHandler(type_handlers.NumpyHandler):
       tspec = dict(tspec, metadata=dict(tspec["metadata"], chunks=[rows, *value.shape[1:]]))
     store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
     for start, block in zip(range(0, value.shape[0], rows), value.blocks(rows)):
-      await store[start:start + len(block)].write(block, can_reference_source_data_indefinitely=True)
+      rows_written = store[start:start + len(block)]
+      await rows_written.write(block, can_reference_source_data_indefinitely=True)
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
