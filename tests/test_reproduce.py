@@ -62,7 +62,8 @@ def test_smoke_rerun_skips_done_stages_and_reruns_missing(smoke_run):
   result = _reproduce("--preset", "smoke", "--out", str(out), "--data_dir",
                       str(out.parent / "unused"))
   assert result.returncode == 0, result.stderr[-2000:]
-  assert "10 done, 1 to run" in result.stdout
+  num_stages = len(list((out / "stages").iterdir()))
+  assert f"{num_stages - 1} done, 1 to run" in result.stdout
   assert "running fig6-timing" in result.stdout and "running evaluate" not in result.stdout
   assert done.is_file() and kept.stat().st_mtime == kept_mtime
 
