@@ -6,7 +6,6 @@ For each number of key/value heads it prints the decode cache bytes (self-attent
 cross-attention K/V scale with G/H) and the greedy decoding time per sample.
 """
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import numpy as np
 from flax import linen as nn
 
 from gqa_flax import decoding
+from gqa_flax.benchmarks import runners
 from gqa_flax.models import PRESETS, Transformer, t5_1_1_config
 
 
@@ -42,11 +42,10 @@ def main(argv=None) -> None:
     encoded = jax.ShapeDtypeStruct(inputs.shape + (base.emb_dim,), jnp.float32)
     cache = jax.eval_shape(lambda p, e: decoding.init_decode_cache(model, p, e, inputs,
                                                                    args.decode_len), params, encoded)
-    decode = lambda: decoding.greedy_decode(model, params, inputs, args.decode_len, eos_id=-1)
-    decode().block_until_ready()  # compile
-    start = time.perf_counter()
-    tokens = decode().block_until_ready()
-    per_sample = (time.perf_counter() - start) / args.batch
+    decode = lambda: decoding.greedy_decode(model, params, inputs, args.decode_len,
+                                            eos_id=runners.NEVER_EOS).block_until_ready()
+    per_sample = runners.timed(decode, 1, model.config.attention_name)[0] / args.batch
+    tokens = decode()
     print(f"  {model.config.attention_name:>6} (kv_heads={kv_heads}): cache {_cache_bytes(cache) / 1e6:8.3f} MB,"
           f" {per_sample * 1e3:7.2f} ms/sample, first tokens {np.asarray(tokens[0, :6]).tolist()}")
 

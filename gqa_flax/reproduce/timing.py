@@ -10,15 +10,14 @@ decodes the full length, as in the paper's fixed 2048/512 setup) from random inp
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from typing import Callable
 
 import jax
 import numpy as np
 
 from gqa_flax import decoding
+from gqa_flax.benchmarks import runners
 from gqa_flax.checkpoints.convert import convert_arrays
 from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.checkpoints.arrays import unflatten
@@ -28,13 +27,8 @@ from gqa_flax.models import Transformer
 def seconds_per_sample(decode: Callable[[], jax.Array], batch_size: int, repeats: int) -> float:
   """Median wall time of `decode()` over `repeats` runs / batch_size; one untimed warm-up
   run compiles first."""
-  jax.block_until_ready(decode())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(decode())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) / batch_size
+  seconds = runners.timed(lambda: jax.block_until_ready(decode()), repeats, "decode")
+  return runners.median(seconds) / batch_size
 
 
 def time_groups(checkpoint: str, groups, inputs: int, targets: int, batch_size: int,
@@ -49,7 +43,7 @@ def time_groups(checkpoint: str, groups, inputs: int, targets: int, batch_size: 
     params = unflatten({name: np.asarray(array.read()) for name, array in arrays.items()})
     model = Transformer(config)
     t = seconds_per_sample(lambda: decoding.greedy_decode(
-        model, params, tokens, max_decode_length=targets, eos_id=-1), batch_size, repeats)
+        model, params, tokens, max_decode_length=targets, eos_id=runners.NEVER_EOS), batch_size, repeats)
     points.append({"kv_heads": g, "attention": config.attention_name, "t_infer_s": t})
     print(f"fig6: {config.attention_name}: {t * 1e3:.2f} ms/sample "
           f"(inputs {inputs}, outputs {targets}, batch {batch_size})", flush=True)
