@@ -80,13 +80,7 @@ def _while_body_ops(hlo: str):
         yield op.group(2), int(np.prod([int(d) for d in op.group(1).split(",") if d]))
 
 
-_MQA_CARRY_COPIES = pytest.mark.xfail(
-    strict=True, reason="known: with kv_heads == 1 XLA copies each self-attention cache in the "
-    "loop carry (the cross-attention caches are read in place)")
-
-
-@pytest.mark.parametrize("kv_heads", [4, 2, pytest.param(1, marks=_MQA_CARRY_COPIES)],
-                         ids=["MHA", "GQA-2", "MQA"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA-2", "MQA"])
 def test_decode_loop_copies_no_cache(kv_heads):
   """The compiled loop body neither copies nor transposes any buffer as large as a cache:
   K/V are written in place and read in their stored (heads-major) layout."""
@@ -95,7 +89,7 @@ def test_decode_loop_copies_no_cache(kv_heads):
   inputs = jax.ShapeDtypeStruct((4, 64), jnp.int32)
   params = jax.eval_shape(_init, model, jnp.ones((1, 4), jnp.int32))
   hlo = decoding.greedy_decode.lower(model, params, inputs, 32, -1).compile().as_text()
-  smallest_cache = 4 * kv_heads * 32 * 16  # [batch, kv_heads, max_decode_length, head_dim]
+  smallest_cache = 4 * kv_heads * 32 * 16  # [batch, (kv_heads,) max_decode_length, head_dim]
   ops = list(_while_body_ops(hlo))
   assert any(op == "dot" for op, _ in ops)
   big = [(op, n) for op, n in ops if op in ("copy", "transpose") and n >= smallest_cache]

@@ -3,10 +3,10 @@
 Query head h uses key/value head h // (H / G): the H query heads are split into G
 contiguous groups, exactly as `jax.nn.dot_product_attention`, PyTorch SDPA `enable_gqa`
 and the checkpoint converter (`gqa_flax.checkpoints.convert`) group them. Keys and values
-are never repeated to H heads: queries are reshaped to `[batch, q_len, kv_heads, group,
+are never repeated to H heads: queries are regrouped to `[batch, kv_heads, group * q_len,
 head_dim]` and contracted against heads-major `[batch, kv_heads, kv_len, head_dim]`, the
-layout of the decode caches, so a decode step reads each cache once, contiguously, as a
-batched matrix product (no per-step transpose of the cache).
+layout of the decode caches, so a decode step reads each cache once, contiguously, as one
+batched matrix product per K/V head (no per-step transpose of the cache).
 """
 from typing import Optional
 
@@ -44,18 +44,23 @@ def grouped_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     [batch, q_len, heads, head_dim] in the query's dtype.
   """
   batch, q_len, heads, head_dim = query.shape
-  kv_heads = key.shape[1]
+  kv_heads, kv_len = key.shape[1], key.shape[2]
   group = heads // kv_heads
-  query = query.reshape(batch, q_len, kv_heads, group, head_dim)
-  logits = jnp.einsum("bqkgd,bktd->bkgqt", query, key,
-                      preferred_element_type=jnp.float32)  # [b, kv_heads, group, q, t]
+  # Query head h = k * group + g becomes row g * q_len + q of its K/V head k's block:
+  # [batch, kv_heads, group * q_len, head_dim], one batched matrix product per K/V head.
+  query = query.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+  query = query.reshape(batch, kv_heads, group * q_len, head_dim)
+  logits = jnp.einsum("bkmd,bktd->bkmt", query, key, preferred_element_type=jnp.float32)
+  logits = logits.reshape(batch, kv_heads, group, q_len, kv_len)
   if bias is not None:
     bias = bias.reshape(bias.shape[0], -1, 1 if bias.shape[1] == 1 else group, *bias.shape[2:])
     logits = logits + bias
   weights = jax.nn.softmax(logits, axis=-1)
   if dropout is not None:
     weights = dropout(weights, deterministic=deterministic)
-  out = jnp.einsum("bkgqt,bktd->bkgqd", weights.astype(value.dtype), value)
+  weights = weights.astype(value.dtype).reshape(batch, kv_heads, group * q_len, kv_len)
+  out = jnp.einsum("bkmt,bktd->bkmd", weights, value)  # [batch, kv_heads, group * q_len, head_dim]
+  out = out.reshape(batch, kv_heads, group, q_len, head_dim)
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
 
 
@@ -77,7 +82,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
   Decoding caches (collection 'cache'):
     self-attention: `cached_key`, `cached_value` [batch, kv_heads, max_decode_length,
-      head_dim], written in place at the decode position each step;
+      head_dim] ([batch, max_decode_length, head_dim] for MQA), written in place at the
+      decode position each step;
     cross-attention (`is_cross_attention`): `cached_key`, `cached_value`
       [batch, kv_heads, inputs_len, head_dim], projected from the encoder output once, at
       the call that creates the cache, then reused at every step.
@@ -133,16 +139,25 @@ class MultiHeadDotProductAttention(nn.Module):
     """Writes this step's K/V [batch, kv_heads, q_len, head_dim] at `decode_position`.
 
     The call that creates the cache (zeros, `max_decode_length` long) leaves it unchanged.
-    Returns the whole cache; the caller's bias masks positions not yet decoded.
+    Returns the whole cache [batch, kv_heads, max_decode_length, head_dim]; the caller's bias
+    masks positions not yet decoded. MQA's cache is stored without its size-1 kv_heads axis
+    ([batch, max_decode_length, head_dim]): XLA squeezes that axis between the in-place update
+    and the attention's matrix product, and on CPU it then duplicates the update and copies
+    the cache every step.
     """
     is_initialized = self.has_variable("cache", "cached_key")
     batch, kv_heads, _, head_dim = key.shape
-    shape = (batch, kv_heads, max_decode_length, head_dim)
+    stored = (lambda x: x[:, 0]) if kv_heads == 1 else (lambda x: x)
+    shape = (batch,) + (kv_heads,) * (kv_heads > 1) + (max_decode_length, head_dim)
     cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
-    index = (0, 0, decode_position, 0)
-    key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), index)
-    value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), index)
+
+    def update(cache, new):
+      index = (0,) * (cache.ndim - 2) + (decode_position, 0)
+      return jax.lax.dynamic_update_slice(cache, stored(new).astype(cache.dtype), index)
+
+    key, value = update(cached_key.value, key), update(cached_value.value, value)
     if is_initialized:
       cached_key.value, cached_value.value = key, value
-    return key, value
+    restore = lambda x: x.reshape(batch, kv_heads, max_decode_length, head_dim)
+    return restore(key), restore(value)

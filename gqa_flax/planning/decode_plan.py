@@ -62,14 +62,15 @@ class DecodePlan:
 
 
 def _cache_sharding(partitioner: Partitioner, lengths, leaf) -> NamedSharding:
-  """K/V caches, [batch, kv_heads, length, head_dim] (or length before kv_heads): batch over
-  'data', kv_heads over 'model' when it divides them (else replicated, like the K/V kernels);
-  cache_index replicated. The length axis is the one whose size is an input/target length."""
-  if leaf.ndim != 4:
+  """K/V caches, [batch, kv_heads, length, head_dim] (or length before kv_heads; MQA's
+  self-attention cache has no kv_heads axis): batch over 'data', kv_heads over 'model' when
+  it divides them (else replicated, like the K/V kernels); cache_index replicated. The
+  length axis is the one whose size is an input/target length."""
+  if leaf.ndim not in (3, 4):
     return partitioner.replicated()
+  spec = ["data"] + [None] * (leaf.ndim - 1)
   heads_axis = 2 if leaf.shape[1] in lengths and leaf.shape[2] not in lengths else 1
-  spec = ["data", None, None, None]
-  if leaf.shape[heads_axis] % partitioner.num_partitions == 0:
+  if leaf.ndim == 4 and leaf.shape[heads_axis] % partitioner.num_partitions == 0:
     spec[heads_axis] = "model"
   return NamedSharding(partitioner.mesh, PartitionSpec(*spec))
 
