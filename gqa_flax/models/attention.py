@@ -3,10 +3,10 @@
 Query head h uses key/value head h // (H / G): the H query heads are split into G
 contiguous groups, exactly as `jax.nn.dot_product_attention`, PyTorch SDPA `enable_gqa`
 and the checkpoint converter (`gqa_flax.checkpoints.convert`) group them. Keys and values
-are never repeated to H heads: queries are regrouped to `[batch, kv_heads, group * q_len,
+are never repeated to H heads: queries are reshaped to `[batch, q_len, kv_heads, group,
 head_dim]` and contracted against heads-major `[batch, kv_heads, kv_len, head_dim]`, the
-layout of the decode caches, so a decode step reads each cache once, contiguously, as one
-batched matrix product per K/V head (no per-step transpose of the cache).
+layout of the decode caches, so a decode step reads each cache once, contiguously, as a
+batched matrix product (no per-step transpose of the cache).
 """
 from typing import Optional
 
@@ -44,23 +44,18 @@ def grouped_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     [batch, q_len, heads, head_dim] in the query's dtype.
   """
   batch, q_len, heads, head_dim = query.shape
-  kv_heads, kv_len = key.shape[1], key.shape[2]
+  kv_heads = key.shape[1]
   group = heads // kv_heads
-  # Query head h = k * group + g becomes row g * q_len + q of its K/V head k's block:
-  # [batch, kv_heads, group * q_len, head_dim], one batched matrix product per K/V head.
-  query = query.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-  query = query.reshape(batch, kv_heads, group * q_len, head_dim)
-  logits = jnp.einsum("bkmd,bktd->bkmt", query, key, preferred_element_type=jnp.float32)
-  logits = logits.reshape(batch, kv_heads, group, q_len, kv_len)
+  query = query.reshape(batch, q_len, kv_heads, group, head_dim)
+  logits = jnp.einsum("bqkgd,bktd->bkgqt", query, key,
+                      preferred_element_type=jnp.float32)  # [b, kv_heads, group, q, t]
   if bias is not None:
     bias = bias.reshape(bias.shape[0], -1, 1 if bias.shape[1] == 1 else group, *bias.shape[2:])
     logits = logits + bias
   weights = jax.nn.softmax(logits, axis=-1)
   if dropout is not None:
     weights = dropout(weights, deterministic=deterministic)
-  weights = weights.astype(value.dtype).reshape(batch, kv_heads, group * q_len, kv_len)
-  out = jnp.einsum("bkmt,bktd->bkmd", weights, value)  # [batch, kv_heads, group * q_len, head_dim]
-  out = out.reshape(batch, kv_heads, group, q_len, head_dim)
+  out = jnp.einsum("bkgqt,bktd->bkgqd", weights.astype(value.dtype), value)
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
 
 
