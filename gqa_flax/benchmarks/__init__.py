@@ -6,5 +6,6 @@
   runners      timed greedy decoding: ours (one jit'd while_loop) and HF's `generate()`
   report       tables and the Figure-6-style plot
 
-`scripts/bench_decode.py` is the command-line entry point.
+`scripts/bench_decode.py` is the command-line entry point; `scripts/bench_primitives.py` times the
+matrix products a decode step is made of (the ceiling for its bandwidth).
 """
