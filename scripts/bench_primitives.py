@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 
 def parse_args():
@@ -34,17 +33,6 @@ def parse_args():
   return parser.parse_args()
 
 
-def seconds_per_call(fn, repeats):
-  """Best of `repeats` calls of `fn` after one warm-up call."""
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
 def main():
   args = parse_args()
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
@@ -55,6 +43,11 @@ def main():
   from gqa_flax.benchmarks import machine
   torch.set_num_threads(args.threads)
   rng = np.random.RandomState(0)
+
+  def seconds_per_call(fn, repeats):
+    fn()  # compile, warm up
+    return machine.best_seconds(fn, repeats)
+
   bandwidth = machine.memory_bandwidth()
   rows = []
 

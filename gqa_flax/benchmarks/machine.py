@@ -6,7 +6,8 @@ import time
 import numpy as np
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
+  """The shortest of `repeats` timed calls of `fn`, in seconds."""
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
@@ -23,8 +24,8 @@ def memory_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> dict:
   """
   a = np.ones(nbytes // 8)
   b = np.empty_like(a)
-  read = _best_seconds(a.sum, repeats)
-  copy = _best_seconds(lambda: np.copyto(b, a), repeats)
+  read = best_seconds(a.sum, repeats)
+  copy = best_seconds(lambda: np.copyto(b, a), repeats)
   return {"read_GBps": a.nbytes / read / 1e9, "copy_GBps": 2 * a.nbytes / copy / 1e9,
           "array_MB": a.nbytes / 1e6}
 
