@@ -141,18 +141,18 @@ class MultiHeadDotProductAttention(nn.Module):
     the cache every step.
     """
     is_initialized = self.has_variable("cache", "cached_key")
-    batch, kv_heads, _, head_dim = key.shape
-    stored = (lambda x: x[:, 0]) if kv_heads == 1 else (lambda x: x)
-    shape = (batch,) + (kv_heads,) * (kv_heads > 1) + (max_decode_length, head_dim)
+    batch, kv_heads, q_len, head_dim = key.shape
+    full_shape = (batch, kv_heads, max_decode_length, head_dim)
+    shape = (batch, max_decode_length, head_dim) if kv_heads == 1 else full_shape
     cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
 
-    def update(cache, new):
+    def update(cache, new):  # new in the cache's layout: [batch, (kv_heads,) q_len, head_dim]
+      new = new.reshape(cache.shape[:-2] + (q_len, head_dim)).astype(cache.dtype)
       index = (0,) * (cache.ndim - 2) + (decode_position, 0)
-      return jax.lax.dynamic_update_slice(cache, stored(new).astype(cache.dtype), index)
+      return jax.lax.dynamic_update_slice(cache, new, index)
 
     key, value = update(cached_key.value, key), update(cached_value.value, value)
     if is_initialized:
       cached_key.value, cached_value.value = key, value
-    restore = lambda x: x.reshape(batch, kv_heads, max_decode_length, head_dim)
-    return restore(key), restore(value)
+    return key.reshape(full_shape), value.reshape(full_shape)

@@ -61,17 +61,15 @@ class DecodePlan:
     return self.prefill.fits(hbm_bytes) and self.step.fits(hbm_bytes)
 
 
-def _cache_sharding(partitioner: Partitioner, lengths, leaf) -> NamedSharding:
-  """K/V caches, [batch, kv_heads, length, head_dim] (or length before kv_heads; MQA's
-  self-attention cache has no kv_heads axis): batch over 'data', kv_heads over 'model' when
-  it divides them (else replicated, like the K/V kernels); cache_index replicated. The
-  length axis is the one whose size is an input/target length."""
+def _cache_sharding(partitioner: Partitioner, leaf) -> NamedSharding:
+  """K/V caches, [batch, kv_heads, length, head_dim] (MQA's self-attention cache has no
+  kv_heads axis): batch over 'data', kv_heads over 'model' when it divides them (else
+  replicated, like the K/V kernels); cache_index replicated."""
   if leaf.ndim not in (3, 4):
     return partitioner.replicated()
   spec = ["data"] + [None] * (leaf.ndim - 1)
-  heads_axis = 2 if leaf.shape[1] in lengths and leaf.shape[2] not in lengths else 1
-  if leaf.ndim == 4 and leaf.shape[heads_axis] % partitioner.num_partitions == 0:
-    spec[heads_axis] = "model"
+  if leaf.ndim == 4 and leaf.shape[1] % partitioner.num_partitions == 0:
+    spec[1] = "model"
   return NamedSharding(partitioner.mesh, PartitionSpec(*spec))
 
 
@@ -103,8 +101,7 @@ def plan_decode(config: T5Config, topology: Topology, num_partitions: int, batch
                                                targets_len)
 
   encoded, cache = jax.eval_shape(prefill, params, inputs)
-  cache_shardings = jax.tree.map(
-      functools.partial(_cache_sharding, partitioner, (inputs_len, targets_len)), cache)
+  cache_shardings = jax.tree.map(functools.partial(_cache_sharding, partitioner), cache)
   prefill_jit = jax.jit(prefill, in_shardings=(param_shardings, data),
                         out_shardings=(data, cache_shardings))
   step_fn = functools.partial(decoding.decode_step, module, max_decode_length=targets_len)
