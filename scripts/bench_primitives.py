@@ -74,12 +74,12 @@ def main():
       torch_s = seconds_per_call(lambda: [tx @ w for w in tws], args.repeats)
     record("dense", [args.batch, args.emb, n], sum(w.nbytes for w in ws), xla_s, torch_s)
 
-  group = args.heads  # MHA: 1 query row per K/V head; MQA: all heads share one
-  for kv_heads in (args.heads, 1):
+  for kv_heads in (args.heads, 1):  # MHA: 1 query row per K/V head; MQA: all heads share one
     for length in args.lengths:  # attention: softmax(q K^T) V over distinct K, V
       shape = (args.batch * kv_heads, length, args.head_dim)
       ks, vs = operands(shape), operands(shape)
-      q = rng.standard_normal((shape[0], group // kv_heads, args.head_dim)).astype(np.float32)
+      q = rng.standard_normal((shape[0], args.heads // kv_heads, args.head_dim))
+      q = q.astype(np.float32)
 
       def attend(q, ks, vs, einsum, softmax):
         return [einsum("xmt,xtd->xmd", softmax(einsum("xmd,xtd->xmt", q, k)), v)
