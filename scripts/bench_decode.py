@@ -9,7 +9,8 @@
 
 Weights are random: a HF T5ForConditionalGeneration saved with safetensors and loaded by
 our importer (`gqa_flax.checkpoints.load`); GQA-G is mean-pooled from it. Outputs are
-forced to the full length on both sides. Progress goes to stderr.
+forced to the full length on both sides. Variants (and HF) are timed in interleaved rounds,
+so the machine's drift in speed falls on all of them alike. Progress goes to stderr.
 """
 import argparse
 import json
@@ -70,36 +71,36 @@ def main():
     config, params = models.load_ours(path, args.dtype)
   inputs = np.random.RandomState(args.seed).randint(2, config.vocab_size,
                                                      (args.batch, args.inputs_len))
-  hf = None
-  if args.hf:
-    print("HF transformers generate() ...", file=sys.stderr, flush=True)
-    hf = runners.time_hf(hf_model, inputs, args.outputs_len, args.repeats)
-  del hf_model
   heads = config.num_heads
   kv_heads = args.kv_heads or [g for g in range(heads, 0, -1) if heads % g == 0]
   kv_heads = sorted(set(kv_heads) | {heads}, reverse=True)  # MHA is the speedup baseline
-  ours, step_bytes = {}, {}
+  variants, step_bytes = {}, {}
+  if args.hf:
+    variants["HF"] = runners.hf_calls(hf_model, inputs, args.outputs_len)
   for g in kv_heads:
-    name = report.variant_name(g, heads)
-    print(f"ours {name} ...", file=sys.stderr, flush=True)
     g_config, g_params = models.with_kv_heads(config, params, g)
-    ours[g] = runners.time_ours(g_config, g_params, inputs, args.outputs_len, args.repeats, name)
+    variants[report.variant_name(g, heads)] = runners.our_calls(g_config, g_params, inputs, args.outputs_len)
     step_bytes[g] = bytes_model.step_bytes(g_config, args.batch, args.inputs_len,
                                            args.outputs_len, np.dtype(g_config.dtype).itemsize)
-  rows = report.rows(ours, step_bytes, heads, args.batch, args.outputs_len, hf)
+  print(f"timing {len(variants)} variants in {args.repeats} interleaved rounds ...",
+        file=sys.stderr, flush=True)
+  times = runners.time_interleaved(variants, args.repeats, args.outputs_len)
+  ours = {g: times[report.variant_name(g, heads)] for g in kv_heads}
+  rows = report.rows(ours, step_bytes, heads, args.batch, args.outputs_len, times.get("HF"))
 
   settings = {k: getattr(args, k) for k in ("preset", "size", "batch", "inputs_len",
                                              "outputs_len", "dtype", "repeats", "seed")}
   info["load_average_end"] = machine.machine_info(args.threads)["load_average"]
   print(f"T5.1.1-{args.size} shape, batch {args.batch}, input {args.inputs_len}, output "
-        f"{args.outputs_len}, greedy, {args.dtype}, median of {args.repeats}")
+        f"{args.outputs_len}, greedy, {args.dtype}, median of {args.repeats} interleaved rounds")
   print(f"machine: {info['cpu']}, {args.threads} threads, load {info['load_average']} -> "
         f"{info['load_average_end']}; numpy read {bandwidth['read_GBps']:.1f} GB/s, "
         f"copy {bandwidth['copy_GBps']:.1f} GB/s")
   print(report.table(rows))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"settings": settings, "machine": {**info, **bandwidth}, "rows": rows}, f,
+      json.dump({"settings": settings, "machine": {**info, **bandwidth}, "rows": rows,
+                 "seconds_per_call": {name: t["seconds"] for name, t in times.items()}}, f,
                 indent=2)
   if args.png:
     title = (f"T5.1.1-{args.size}, batch {args.batch}, input {args.inputs_len}, "

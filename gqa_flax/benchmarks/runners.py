@@ -1,14 +1,16 @@
 """Timed greedy decoding, forced to a fixed output length: ours and HF transformers'.
 
-Times exclude compilation and warm-up (one untimed call first); each call's result is
-waited for (`block_until_ready`), so a time covers the whole batch: encoder, cache, and
-`new_tokens` decode steps.
+Each variant is a pair of calls: 'total' decodes the whole batch (encoder, cache and
+`new_tokens` decode steps) and 'prefill' runs the encoder and fills the cache alone; each
+call waits for its result (`block_until_ready`). `time_interleaved` times the variants in
+rounds, one call of each per round, so a shared machine's drift in speed falls on every
+variant alike instead of on whichever ran last.
 """
 import functools
 import statistics
 import sys
 import time
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import jax
 import numpy as np
@@ -17,6 +19,7 @@ from gqa_flax import decoding
 from gqa_flax.models import T5Config, Transformer
 
 PyTree = dict
+Calls = Dict[str, Callable[[], object]]  # {'total': ..., 'prefill': ...}
 NEVER_EOS = -1  # No token id is -1, so greedy decoding never stops early.
 
 
@@ -42,27 +45,21 @@ def _prefill(model: Transformer, params: PyTree, tokens: jax.Array, max_decode_l
   return decoding.init_decode_cache(model, params, encoded, tokens, max_decode_length)
 
 
-def time_ours(config: T5Config, params: PyTree, inputs: np.ndarray, new_tokens: int,
-              repeats: int, label: str = "ours") -> dict:
-  """Seconds of `greedy_decode` for the batch `inputs` [batch, inputs_len], and of its
-  prefill (encoder + cache) alone; step = (total - prefill) / new_tokens."""
+def our_calls(config: T5Config, params: PyTree, inputs: np.ndarray, new_tokens: int) -> Calls:
+  """`greedy_decode` of the batch `inputs` [batch, inputs_len], and its prefill alone."""
   model = Transformer(config)
   params = jax.device_put(params)
   tokens = jax.device_put(np.asarray(inputs, np.int32))
-  greedy = lambda: decoding.greedy_decode(model, params, tokens, max_decode_length=new_tokens,
-                                          eos_id=NEVER_EOS).block_until_ready()
   prefill_fn = jax.jit(functools.partial(_prefill, model), static_argnums=2)
-  prefill = lambda: jax.block_until_ready(prefill_fn(params, tokens, new_tokens))
-  total = median(timed(greedy, repeats, f"{label} greedy"))
-  prefill_s = median(timed(prefill, repeats, f"{label} prefill"))
-  return {"total_s": total, "prefill_s": prefill_s,
-          "step_s": max(total - prefill_s, 0.0) / new_tokens}
+  return {
+      "total": lambda: decoding.greedy_decode(model, params, tokens, max_decode_length=new_tokens,
+                                              eos_id=NEVER_EOS).block_until_ready(),
+      "prefill": lambda: jax.block_until_ready(prefill_fn(params, tokens, new_tokens)),
+  }
 
 
-def time_hf(hf_model, inputs: np.ndarray, new_tokens: int, repeats: int,
-            label: str = "HF") -> dict:
-  """Seconds of HF `generate()` (greedy, KV cache, exactly `new_tokens` new tokens) and of
-  its encoder alone."""
+def hf_calls(hf_model, inputs: np.ndarray, new_tokens: int) -> Calls:
+  """HF `generate()` (greedy, KV cache, exactly `new_tokens` new tokens), and its encoder."""
   import torch
   ids = torch.tensor(np.asarray(inputs), dtype=torch.long)
   mask = ids > 0
@@ -78,7 +75,34 @@ def time_hf(hf_model, inputs: np.ndarray, new_tokens: int, repeats: int,
     with torch.inference_mode():
       hf_model.get_encoder()(input_ids=ids, attention_mask=mask)
 
-  total = median(timed(generate, repeats, f"{label} generate"))
-  prefill_s = median(timed(encode, repeats, f"{label} encoder"))
-  return {"total_s": total, "prefill_s": prefill_s,
-          "step_s": max(total - prefill_s, 0.0) / new_tokens}
+  return {"total": generate, "prefill": encode}
+
+
+def _summary(seconds: Dict[str, List[float]], new_tokens: int) -> dict:
+  """Medians of a variant's timed calls; step = (total - prefill) / new_tokens."""
+  total, prefill = median(seconds["total"]), median(seconds["prefill"])
+  return {"total_s": total, "prefill_s": prefill, "step_s": max(total - prefill, 0.0) / new_tokens,
+          "seconds": seconds}
+
+
+def time_interleaved(variants: Dict[str, Calls], repeats: int, new_tokens: int) -> Dict[str, dict]:
+  """Calls everything once untimed (compile, warm up), then `repeats` rounds that each time
+  every variant's calls in turn; -> {variant: {'total_s', 'prefill_s', 'step_s' (medians,
+  seconds per batch), 'seconds' (every timed call)}}."""
+  for name, calls in variants.items():
+    print(f"  warm-up {name}", file=sys.stderr, flush=True)
+    for call in calls.values():
+      call()
+  seconds = {name: {kind: [] for kind in calls} for name, calls in variants.items()}
+  start = time.perf_counter()
+  for round_ in range(1, repeats + 1):
+    for name, calls in variants.items():
+      for kind, call in calls.items():
+        begin = time.perf_counter()
+        call()
+        seconds[name][kind].append(time.perf_counter() - begin)
+    elapsed = time.perf_counter() - start
+    times = ", ".join(f"{name} {s['total'][-1]:.2f}s" for name, s in seconds.items())
+    print(f"  round {round_}/{repeats} ({times}); {elapsed:.0f}s elapsed, "
+          f"ETA {elapsed / round_ * (repeats - round_):.0f}s", file=sys.stderr, flush=True)
+  return {name: _summary(s, new_tokens) for name, s in seconds.items()}
