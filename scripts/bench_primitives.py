@@ -8,7 +8,9 @@ per K/V head q [group, head_dim] against K/V [length, head_dim]. This times each
 enough distinct operands (~200 MB) that every one is read from memory, side by side with
 numpy's plain read bandwidth, in XLA (what our decoder compiles to) and in torch (what HF
 transformers runs), and prints GB/s and the fraction of numpy's read bandwidth: the
-ceiling for `bench_decode.py`'s achieved GB/s. Defaults are the T5.1.1-small shape.
+ceiling for `bench_decode.py`'s achieved GB/s. Their GFLOP/s is printed next to that of a
+large product (the encoder's `[batch * input_len, emb] @ [emb, mlp]`), to tell whether a
+kernel waits on memory or on arithmetic. Defaults are the T5.1.1-small shape.
 """
 import argparse
 import json
@@ -26,6 +28,8 @@ def parse_args():
   parser.add_argument("--heads", type=int, default=6)
   parser.add_argument("--head-dim", type=int, default=64)
   parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+  parser.add_argument("--large", type=int, nargs=3, default=[4096, 512, 1024],
+                      metavar=("M", "K", "N"), help="the large product [M, K] @ [K, N]")
   parser.add_argument("--megabytes", type=int, default=200, help="operand bytes per timing")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -49,12 +53,26 @@ def main():
     return machine.best_seconds(fn, repeats)
 
   bandwidth = machine.memory_bandwidth()
+  m, k, n = args.large  # compute-bound: the same operands every call
+  a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n))
+  b = b.astype(np.float32)
+  xla_matmul = jax.jit(lambda a, b: a @ b)
+  ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+  large = {"shape": args.large,
+           "xla_GFLOPs": 2 * m * k * n / seconds_per_call(
+               lambda: xla_matmul(ja, jb).block_until_ready(), args.repeats) / 1e9}
+  with torch.inference_mode():
+    large["torch_GFLOPs"] = 2 * m * k * n / seconds_per_call(lambda: ta @ tb, args.repeats) / 1e9
+  print(f"  large product {m}x{k}x{n}: XLA {large['xla_GFLOPs']:.0f} GFLOP/s, "
+        f"torch {large['torch_GFLOPs']:.0f} GFLOP/s", file=sys.stderr, flush=True)
   rows = []
 
-  def record(kind, shape, nbytes, xla_s, torch_s):
+  def record(kind, shape, nbytes, flops, xla_s, torch_s):
     row = {"kind": kind, "shape": shape, "MB": nbytes / 1e6,
-           "xla_GBps": nbytes / xla_s / 1e9, "torch_GBps": nbytes / torch_s / 1e9}
+           "xla_GBps": nbytes / xla_s / 1e9, "torch_GBps": nbytes / torch_s / 1e9,
+           "xla_GFLOPs": flops / xla_s / 1e9}
     row["xla_over_numpy_read"] = row["xla_GBps"] / bandwidth["read_GBps"]
+    row["xla_over_large_product"] = row["xla_GFLOPs"] / large["xla_GFLOPs"]
     rows.append(row)
     print(f"  {kind} {shape}: XLA {row['xla_GBps']:.1f} GB/s, torch {row['torch_GBps']:.1f} GB/s",
           file=sys.stderr, flush=True)
@@ -72,7 +90,8 @@ def main():
     xla_s = seconds_per_call(lambda: jax.block_until_ready(xla(jx, jws)), args.repeats)
     with torch.inference_mode():
       torch_s = seconds_per_call(lambda: [tx @ w for w in tws], args.repeats)
-    record("dense", [args.batch, args.emb, n], sum(w.nbytes for w in ws), xla_s, torch_s)
+    record("dense", [args.batch, args.emb, n], sum(w.nbytes for w in ws),
+           len(ws) * 2 * args.batch * args.emb * n, xla_s, torch_s)
 
   for kv_heads in (args.heads, 1):  # MHA: 1 query row per K/V head; MQA: all heads share one
     for length in args.lengths:  # attention: softmax(q K^T) V over distinct K, V
@@ -95,19 +114,25 @@ def main():
             lambda: attend(tq, tks, tvs, torch.einsum, lambda a: torch.softmax(a, -1)),
             args.repeats)
       record(f"attention kv_heads={kv_heads}", [args.batch, kv_heads, length, args.head_dim],
-             sum(k.nbytes + v.nbytes for k, v in zip(ks, vs)), xla_s, torch_s)
+             sum(k.nbytes + v.nbytes for k, v in zip(ks, vs)),
+             len(ks) * 2 * 2 * args.batch * args.heads * length * args.head_dim, xla_s, torch_s)
 
   print(f"{machine.cpu_model()}, {args.threads} threads; numpy read "
-        f"{bandwidth['read_GBps']:.1f} GB/s, copy {bandwidth['copy_GBps']:.1f} GB/s")
-  print("| product | shape | MB | XLA GB/s | torch GB/s | XLA / numpy read |")
-  print("| --- | --- | --- | --- | --- | --- |")
+        f"{bandwidth['read_GBps']:.1f} GB/s, copy {bandwidth['copy_GBps']:.1f} GB/s; "
+        f"large product {'x'.join(map(str, args.large))}: XLA {large['xla_GFLOPs']:.0f} GFLOP/s, "
+        f"torch {large['torch_GFLOPs']:.0f} GFLOP/s")
+  print("| product | shape | MB | XLA GB/s | torch GB/s | XLA / numpy read | XLA GFLOP/s "
+        "| XLA / large product |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:
     print(f"| {r['kind']} | {'x'.join(map(str, r['shape']))} | {r['MB']:.0f} | "
-          f"{r['xla_GBps']:.1f} | {r['torch_GBps']:.1f} | {r['xla_over_numpy_read']:.2f} |")
+          f"{r['xla_GBps']:.1f} | {r['torch_GBps']:.1f} | {r['xla_over_numpy_read']:.2f} | "
+          f"{r['xla_GFLOPs']:.1f} | {r['xla_over_large_product']:.2f} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"settings": vars(args), "machine": {**machine.machine_info(args.threads),
-                                                      **bandwidth}, "rows": rows}, f, indent=2)
+                                                      **bandwidth}, "large_product": large,
+                 "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
