@@ -79,9 +79,11 @@ def main():
     variants["HF"] = runners.hf_calls(hf_model, inputs, args.outputs_len)
   for g in kv_heads:
     g_config, g_params = models.with_kv_heads(config, params, g)
-    variants[report.variant_name(g, heads)] = runners.our_calls(g_config, g_params, inputs, args.outputs_len)
+    variants[report.variant_name(g, heads)] = runners.our_calls(g_config, g_params, inputs,
+                                                                args.outputs_len)
     step_bytes[g] = bytes_model.step_bytes(g_config, args.batch, args.inputs_len,
                                            args.outputs_len, np.dtype(g_config.dtype).itemsize)
+  del hf_model  # HF's calls keep it when it is timed
   print(f"timing {len(variants)} variants in {args.repeats} interleaved rounds ...",
         file=sys.stderr, flush=True)
   times = runners.time_interleaved(variants, args.repeats, args.outputs_len)
