@@ -1,7 +1,7 @@
 """gqa-eval, gqa-infer and best-by-metric checkpoints on the paper-lines task (byte vocabulary).
 
 References: greedy decoding re-done without the decode cache (one full forward pass per
-token), ROUGE/BLEU recomputed with rouge_score and sacrebleu directly, the validation lines read
+token), beam search run directly on inputs tokenized by hand, ROUGE/BLEU recomputed with rouge_score and sacrebleu directly, the validation lines read
 from the paper text, and kept checkpoints compared with the argmax/argmin of the metrics given.
 """
 import json
@@ -18,6 +18,7 @@ import sacrebleu
 import seqio
 from rouge_score import rouge_scorer
 
+from gqa_flax import decoding
 from gqa_flax.checkpoints import save
 from gqa_flax.models import t5_1_1_config
 from gqa_flax.training import adafactor, checkpointing, evaluation, inference, loop, schedules
@@ -45,16 +46,19 @@ def _validation_lines(n):
   return [line for i, line in enumerate(lines) if i % 10 == 0][:n]
 
 
+def _saved(directory, params):
+  """(step directory, params) of `params` saved at STEP in `directory`."""
+  save(str(directory), STEP, params, CONFIG)
+  return os.path.join(str(directory), f"checkpoint_{STEP}"), params
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """(step directory, params) of a freshly initialised tiny GQA model."""
   model = EncoderDecoderModel(CONFIG)
   params = nn.meta.unbox(model.init(jax.random.key(3), {"encoder_input_tokens": (1, 8),
                                                          "decoder_input_tokens": (1, 8)}))
-  params = jax.device_get(params)
-  directory = str(tmp_path_factory.mktemp("ckpt"))
-  save(directory, STEP, params, CONFIG)
-  return os.path.join(directory, f"checkpoint_{STEP}"), params
+  return _saved(tmp_path_factory.mktemp("ckpt"), jax.device_get(params))
 
 
 def _uncached_greedy(params, text):
@@ -140,6 +144,28 @@ def test_infer_decodes_a_text_file_and_a_task_split(checkpoint, tmp_path):
                                         checkpoint_path=path, output_dir=str(tmp_path / "split"),
                                         num_examples=3))
   assert [r["targets"] for r in records] == _validation_lines(3)
+
+
+def test_infer_with_beam_size_writes_the_best_beam(checkpoint, tmp_path):
+  """`infer(beam_size=3)` writes, per input line and in order, the best beam of
+  `decoding.beam_search` (checked against exhaustive search in test_model) run on the line
+  tokenized here by hand. Weights x4 make the beams' texts differ and not all empty."""
+  path, params = _saved(tmp_path / "ckpt", jax.tree_util.tree_map(lambda x: 4 * x,
+                                                                  checkpoint[1]))
+  lines = ["Grouped-query attention", "hello world", "multi-query"]
+  inputs_file = tmp_path / "inputs.txt"
+  inputs_file.write_text("\n".join(lines) + "\n")
+  records = _read_jsonl(inference.infer(dataset_cfg=_dataset_cfg(batch_size=2),
+                                        checkpoint_path=path, output_dir=str(tmp_path / "beam"),
+                                        inputs_file=str(inputs_file), beam_size=3, alpha=0.6))
+  ids = [VOCAB.encode(line) + [1] for line in lines]
+  encoder = jnp.asarray([i + [0] * (LENGTHS["inputs"] - len(i)) for i in ids], jnp.int32)
+  tokens, _ = decoding.beam_search(EncoderDecoderModel(CONFIG).module, params, encoder,
+                                   LENGTHS["targets"], beam_size=3, alpha=0.6)
+  texts = [[VOCAB.decode(beam.tolist()) for beam in beams] for beams in np.asarray(tokens)]
+  assert any(best for best, *_ in texts) and any(best != second for best, second, _ in texts)
+  assert [r["inputs"] for r in records] == lines
+  assert [r["prediction"] for r in records] == [best for best, *_ in texts]
 
 
 def test_bad_checkpoint_path_fails_naming_the_fix(tmp_path):
