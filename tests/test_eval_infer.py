@@ -1,8 +1,9 @@
 """gqa-eval, gqa-infer and best-by-metric checkpoints on the paper-lines task (byte vocabulary).
 
-References: greedy decoding re-done without the decode cache (one full forward pass per
-token), beam search run directly on inputs tokenized by hand, ROUGE/BLEU recomputed with rouge_score and sacrebleu directly, the validation lines read
-from the paper text, and kept checkpoints compared with the argmax/argmin of the metrics given.
+References: greedy decoding re-done without the decode cache (one full forward pass per token),
+beam search run directly on inputs tokenized by hand, ROUGE/BLEU recomputed with rouge_score and
+sacrebleu directly, the validation lines read from the paper text, and kept checkpoints compared
+with the argmax/argmin of the metrics given.
 """
 import json
 import os
