@@ -11,7 +11,8 @@ setuptools.setup(
     description="Grouped-query attention (GQA) for T5.1.1 in JAX/Flax: models, "
     "checkpoint conversion, T5X-style uptraining and the paper's experiments.",
     packages=setuptools.find_packages(include=["gqa_flax", "gqa_flax.*"]),
-    package_data={"gqa_flax": ["../configs/**/*.gin"]},
+    # The CPU kernels' C++ sources are compiled on first use (gqa_flax/kernels/build.py).
+    package_data={"gqa_flax": ["../configs/**/*.gin", "kernels/*.cc", "kernels/*.h"]},
     python_requires=">=3.11,<3.12",
     install_requires=[
         "jax==0.10.2",

@@ -5,14 +5,21 @@ Both are one jit-compiled `lax.while_loop`: the encoder runs once, the cache is 
 K/V projected from the encoder output), then each step feeds one token per sequence and
 updates the cache in place (the loop carry), with no host round trip until the end. The
 loop stops when every sequence has produced EOS or after `max_decode_length` tokens.
+
+With `cpu_kernels=True` (CPU backend, float32 model) the decoder's kernels are packed once,
+before the loop, into column panels, and each step runs on the hand-written kernels of
+`gqa_flax.kernels` (dense products from the panels, attention over the caches);
+`gqa_flax.kernels.available()` says whether they can run here.
 """
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
-from gqa_flax.models import Transformer
+from gqa_flax.kernels import panel_matmul
+from gqa_flax.models import Transformer, layers
 
 PyTree = dict
 
@@ -27,20 +34,45 @@ def init_decode_cache(model: Transformer, params: PyTree, encoded: jax.Array,
   return variables["cache"]
 
 
+def kernel_panels(params: PyTree) -> PyTree:
+  """What `decode_step` needs to run on the CPU kernels: every decoder kernel [k, n] as panels
+  [ceil(n/32), k, 32], except cross-attention's key/value (the step reads their cache)."""
+  cross_kv = {("encoder_decoder_attention", "key"), ("encoder_decoder_attention", "value")}
+  flat = traverse_util.flatten_dict(params["decoder"])
+  packed = {path: panel_matmul.pack_panels(kernel) for path, kernel in flat.items()
+            if path[-1] == "kernel" and path[-3:-1] not in cross_kv}
+  return {"decoder": traverse_util.unflatten_dict(packed)}
+
+
+def _panels_if(model: Transformer, params: PyTree, cpu_kernels: bool) -> Optional[PyTree]:
+  """`kernel_panels(params)` if `cpu_kernels` (float32 models only), else None."""
+  if not cpu_kernels:
+    return None
+  if jnp.dtype(model.config.dtype) != jnp.float32:
+    raise ValueError(f"cpu_kernels=True needs a float32 model, got dtype={model.config.dtype}; "
+                     "pass cpu_kernels=False")
+  return kernel_panels(params)
+
+
 def decode_step(model: Transformer, params: PyTree, cache: PyTree, encoded: jax.Array,
-                encoder_input_tokens: jax.Array, tokens: jax.Array,
-                max_decode_length: int) -> Tuple[jax.Array, PyTree]:
-  """tokens [batch] at the cache's position -> (logits [batch, vocab] float32, new cache)."""
-  logits, variables = model.apply({"params": params, "cache": cache}, encoded,
-                                  encoder_input_tokens, tokens[:, None], decode=True,
-                                  max_decode_length=max_decode_length, method=Transformer.decode,
-                                  mutable=["cache"])
+                encoder_input_tokens: jax.Array, tokens: jax.Array, max_decode_length: int,
+                panels: Optional[PyTree] = None) -> Tuple[jax.Array, PyTree]:
+  """tokens [batch] at the cache's position -> (logits [batch, vocab] float32, new cache).
+
+  With `panels` (`kernel_panels(params)`) the step runs on the CPU kernels."""
+  variables = {"params": params, "cache": cache}
+  if panels is not None:
+    variables[layers.KERNEL_PANELS] = panels
+  logits, variables = model.apply(variables, encoded, encoder_input_tokens, tokens[:, None],
+                                  decode=True, max_decode_length=max_decode_length,
+                                  method=Transformer.decode, mutable=["cache"])
   return logits[:, -1], variables["cache"]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "eos_id",
+                                             "cpu_kernels"))
 def greedy_decode(model: Transformer, params: PyTree, encoder_input_tokens: jax.Array,
-                  max_decode_length: int, eos_id: int = 1) -> jax.Array:
+                  max_decode_length: int, eos_id: int = 1, cpu_kernels: bool = False) -> jax.Array:
   """encoder_input_tokens [batch, inputs_len] -> tokens [batch, max_decode_length].
 
   Each sequence's tokens after its EOS are 0 (padding), as in T5X.
@@ -48,11 +80,12 @@ def greedy_decode(model: Transformer, params: PyTree, encoder_input_tokens: jax.
   batch = encoder_input_tokens.shape[0]
   encoded = model.apply({"params": params}, encoder_input_tokens, method=Transformer.encode)
   cache = init_decode_cache(model, params, encoded, encoder_input_tokens, max_decode_length)
+  panels = _panels_if(model, params, cpu_kernels)
 
   def body(state):
     i, cache, token, out, done = state
     logits, cache = decode_step(model, params, cache, encoded, encoder_input_tokens, token,
-                                max_decode_length)
+                                max_decode_length, panels)
     token = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
     return i + 1, cache, token, out.at[:, i].set(token), done | (token == eos_id)
 
@@ -83,10 +116,11 @@ def _gather_beams(tree: PyTree, beam_indices: jax.Array, batch: int, beams: int)
   return jax.tree_util.tree_map(gather, tree)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "beam_size", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "beam_size", "eos_id",
+                                             "cpu_kernels"))
 def beam_search(model: Transformer, params: PyTree, encoder_input_tokens: jax.Array,
                 max_decode_length: int, beam_size: int = 4, alpha: float = 0.6,
-                eos_id: int = 1) -> Tuple[jax.Array, jax.Array]:
+                eos_id: int = 1, cpu_kernels: bool = False) -> Tuple[jax.Array, jax.Array]:
   """T5X-style beam search with length penalty `alpha`.
 
   Returns (tokens [batch, beam_size, max_decode_length], scores [batch, beam_size]),
@@ -97,12 +131,14 @@ def beam_search(model: Transformer, params: PyTree, encoder_input_tokens: jax.Ar
   inputs = jnp.repeat(encoder_input_tokens, k, axis=0)  # [batch*beams, inputs_len]
   encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
   cache = init_decode_cache(model, params, encoded, inputs, max_decode_length)
+  panels = _panels_if(model, params, cpu_kernels)
   neg_inf = jnp.array(-1e7, jnp.float32)
 
   def body(state):
     i, cache, live_seqs, live_logp, fin_seqs, fin_scores, fin_flags = state
     prev = jnp.where(i == 0, 0, live_seqs[:, :, jnp.maximum(i - 1, 0)]).reshape(-1)
-    logits, cache = decode_step(model, params, cache, encoded, inputs, prev, max_decode_length)
+    logits, cache = decode_step(model, params, cache, encoded, inputs, prev, max_decode_length,
+                                panels)
     vocab = logits.shape[-1]
     logp = live_logp[:, :, None] + jax.nn.log_softmax(logits).reshape(batch, k, vocab)
     top_logp, top_ids = jax.lax.top_k(logp.reshape(batch, k * vocab), 2 * k)

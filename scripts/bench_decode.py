@@ -8,7 +8,8 @@
       the bytes model's predicted step speedup over MHA and the measured / predicted ratio.
 
 Weights are random: a HF T5ForConditionalGeneration saved with safetensors and loaded by
-our importer (`gqa_flax.checkpoints.load`); GQA-G is mean-pooled from it. Outputs are
+our importer (`gqa_flax.checkpoints.load`); GQA-G is mean-pooled from it. Our decoding runs
+its step on the CPU kernels (`gqa_flax.kernels`) unless --no-cpu-kernels. Outputs are
 forced to the full length on both sides. Variants (and HF) are timed in interleaved rounds,
 so the machine's drift in speed falls on all of them alike. Progress goes to stderr.
 """
@@ -38,6 +39,8 @@ def parse_args():
                       help="also time HF transformers (default: on for compare_hf)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="our params and activations (HF runs float32)")
+  parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
+                      help="our decode step on the hand-written CPU kernels (float32 only)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="CPU cores for XLA and torch (process affinity + torch threads)")
@@ -57,9 +60,13 @@ def main():
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
   import numpy as np
   import torch
+  from gqa_flax import kernels
   from gqa_flax.benchmarks import bytes_model, machine, models, report, runners
   from gqa_flax.models import t5_1_1_config
   torch.set_num_threads(args.threads)
+  if args.cpu_kernels and (args.dtype != "float32" or not kernels.available()):
+    sys.exit("--cpu-kernels needs --dtype float32 and a C++ compiler (see any warning above); "
+             "pass --no-cpu-kernels")
 
   info = machine.machine_info(args.threads)
   print(f"machine: {info}", file=sys.stderr, flush=True)
@@ -79,8 +86,8 @@ def main():
     variants["HF"] = runners.hf_calls(hf_model, inputs, args.outputs_len)
   for g in kv_heads:
     g_config, g_params = models.with_kv_heads(config, params, g)
-    variants[report.variant_name(g, heads)] = runners.our_calls(g_config, g_params, inputs,
-                                                                args.outputs_len)
+    variants[report.variant_name(g, heads)] = runners.our_calls(
+        g_config, g_params, inputs, args.outputs_len, args.cpu_kernels)
     step_bytes[g] = bytes_model.step_bytes(g_config, args.batch, args.inputs_len,
                                            args.outputs_len, np.dtype(g_config.dtype).itemsize)
   del hf_model  # HF's calls keep it when it is timed
@@ -91,10 +98,13 @@ def main():
   rows = report.rows(ours, step_bytes, heads, args.batch, args.outputs_len, times.get("HF"))
 
   settings = {k: getattr(args, k) for k in ("preset", "size", "batch", "inputs_len",
-                                             "outputs_len", "dtype", "repeats", "seed")}
+                                             "outputs_len", "dtype", "cpu_kernels", "repeats",
+                                             "seed")}
   info["load_average_end"] = machine.machine_info(args.threads)["load_average"]
   print(f"T5.1.1-{args.size} shape, batch {args.batch}, input {args.inputs_len}, output "
-        f"{args.outputs_len}, greedy, {args.dtype}, median of {args.repeats} interleaved rounds")
+        f"{args.outputs_len}, greedy, {args.dtype}, "
+        f"{'CPU kernels' if args.cpu_kernels else 'XLA ops only'}, median of {args.repeats} "
+        "interleaved rounds")
   print(f"machine: {info['cpu']}, {args.threads} threads, load {info['load_average']} -> "
         f"{info['load_average_end']}; numpy read {bandwidth['read_GBps']:.1f} GB/s, "
         f"copy {bandwidth['copy_GBps']:.1f} GB/s")

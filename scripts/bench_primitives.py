@@ -6,8 +6,9 @@ A greedy decode step at batch 8 is a chain of small matrix products whose weight
 fit in cache: x [batch, emb] @ W [emb, n] for every projection and the output layer, and
 per K/V head q [group, head_dim] against K/V [length, head_dim]. This times each kind over
 enough distinct operands (~200 MB) that every one is read from memory, side by side with
-numpy's plain read bandwidth, in XLA (what our decoder compiles to) and in torch (what HF
-transformers runs), and prints GB/s and the fraction of numpy's read bandwidth: the
+numpy's plain read bandwidth, in XLA (what our decoder compiles to), in our CPU kernels
+(`gqa_flax.kernels`: what it runs with `cpu_kernels=True`) and in torch (what HF
+transformers runs), and prints GB/s and XLA's fraction of numpy's read bandwidth: the
 ceiling for `bench_decode.py`'s achieved GB/s. Their GFLOP/s is printed next to that of a
 large product (the encoder's `[batch * input_len, emb] @ [emb, mlp]`), to tell whether a
 kernel waits on memory or on arithmetic. Defaults are the T5.1.1-small shape.
@@ -44,7 +45,11 @@ def main():
   import jax.numpy as jnp
   import numpy as np
   import torch
+  from gqa_flax import kernels
   from gqa_flax.benchmarks import machine
+  from gqa_flax.kernels import decode_attention, panel_matmul
+  if not kernels.available():
+    sys.exit("the CPU kernels did not build here (see the warning above)")
   torch.set_num_threads(args.threads)
   rng = np.random.RandomState(0)
 
@@ -67,15 +72,15 @@ def main():
         f"torch {large['torch_GFLOPs']:.0f} GFLOP/s", file=sys.stderr, flush=True)
   rows = []
 
-  def record(kind, shape, nbytes, flops, xla_s, torch_s):
+  def record(kind, shape, nbytes, flops, xla_s, kernel_s, torch_s):
     row = {"kind": kind, "shape": shape, "MB": nbytes / 1e6,
-           "xla_GBps": nbytes / xla_s / 1e9, "torch_GBps": nbytes / torch_s / 1e9,
-           "xla_GFLOPs": flops / xla_s / 1e9}
+           "xla_GBps": nbytes / xla_s / 1e9, "kernel_GBps": nbytes / kernel_s / 1e9,
+           "torch_GBps": nbytes / torch_s / 1e9, "xla_GFLOPs": flops / xla_s / 1e9}
     row["xla_over_numpy_read"] = row["xla_GBps"] / bandwidth["read_GBps"]
     row["xla_over_large_product"] = row["xla_GFLOPs"] / large["xla_GFLOPs"]
     rows.append(row)
-    print(f"  {kind} {shape}: XLA {row['xla_GBps']:.1f} GB/s, torch {row['torch_GBps']:.1f} GB/s",
-          file=sys.stderr, flush=True)
+    print(f"  {kind} {shape}: XLA {row['xla_GBps']:.1f} GB/s, kernel {row['kernel_GBps']:.1f} "
+          f"GB/s, torch {row['torch_GBps']:.1f} GB/s", file=sys.stderr, flush=True)
 
   def operands(shape):
     count = max(2, args.megabytes * 10**6 // (4 * int(np.prod(shape))))
@@ -88,10 +93,14 @@ def main():
     jx, jws = jnp.asarray(x), [jnp.asarray(w) for w in ws]
     tx, tws = torch.from_numpy(x), [torch.from_numpy(w) for w in ws]
     xla_s = seconds_per_call(lambda: jax.block_until_ready(xla(jx, jws)), args.repeats)
+    packed = [panel_matmul.pack_panels(w) for w in jws]
+    kernel = jax.jit(lambda x, ps: [panel_matmul.panel_matmul(x, p, n) for p in ps])
+    kernel_s = seconds_per_call(lambda: jax.block_until_ready(kernel(jx, packed)), args.repeats)
+    del packed
     with torch.inference_mode():
       torch_s = seconds_per_call(lambda: [tx @ w for w in tws], args.repeats)
     record("dense", [args.batch, args.emb, n], sum(w.nbytes for w in ws),
-           len(ws) * 2 * args.batch * args.emb * n, xla_s, torch_s)
+           len(ws) * 2 * args.batch * args.emb * n, xla_s, kernel_s, torch_s)
 
   for kv_heads in (args.heads, 1):  # MHA: 1 query row per K/V head; MQA: all heads share one
     for length in args.lengths:  # attention: softmax(q K^T) V over distinct K, V
@@ -109,24 +118,32 @@ def main():
       tq, tks, tvs = (torch.from_numpy(q), [torch.from_numpy(k) for k in ks],
                       [torch.from_numpy(v) for v in vs])
       xla_s = seconds_per_call(lambda: jax.block_until_ready(xla(jq, jks, jvs)), args.repeats)
+      heads_major = lambda x: x.reshape(args.batch, kv_heads, length, args.head_dim)
+      kernel = jax.jit(lambda q, ks, vs: [decode_attention.decode_attention(
+          q.reshape(args.batch, 1, args.heads, args.head_dim), heads_major(k), heads_major(v),
+          jnp.zeros((1, 1, 1, length), jnp.float32)) for k, v in zip(ks, vs)])
+      kernel_s = seconds_per_call(lambda: jax.block_until_ready(kernel(jq, jks, jvs)),
+                                  args.repeats)
       with torch.inference_mode():
         torch_s = seconds_per_call(
             lambda: attend(tq, tks, tvs, torch.einsum, lambda a: torch.softmax(a, -1)),
             args.repeats)
       record(f"attention kv_heads={kv_heads}", [args.batch, kv_heads, length, args.head_dim],
              sum(k.nbytes + v.nbytes for k, v in zip(ks, vs)),
-             len(ks) * 2 * 2 * args.batch * args.heads * length * args.head_dim, xla_s, torch_s)
+             len(ks) * 2 * 2 * args.batch * args.heads * length * args.head_dim, xla_s, kernel_s,
+             torch_s)
 
   print(f"{machine.cpu_model()}, {args.threads} threads; numpy read "
         f"{bandwidth['read_GBps']:.1f} GB/s, copy {bandwidth['copy_GBps']:.1f} GB/s; "
         f"large product {'x'.join(map(str, args.large))}: XLA {large['xla_GFLOPs']:.0f} GFLOP/s, "
         f"torch {large['torch_GFLOPs']:.0f} GFLOP/s")
-  print("| product | shape | MB | XLA GB/s | torch GB/s | XLA / numpy read | XLA GFLOP/s "
-        "| XLA / large product |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+  print("| product | shape | MB | XLA GB/s | kernel GB/s | torch GB/s | XLA / numpy read "
+        "| XLA GFLOP/s | XLA / large product |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:
     print(f"| {r['kind']} | {'x'.join(map(str, r['shape']))} | {r['MB']:.0f} | "
-          f"{r['xla_GBps']:.1f} | {r['torch_GBps']:.1f} | {r['xla_over_numpy_read']:.2f} | "
+          f"{r['xla_GBps']:.1f} | {r['kernel_GBps']:.1f} | {r['torch_GBps']:.1f} | "
+          f"{r['xla_over_numpy_read']:.2f} | "
           f"{r['xla_GFLOPs']:.1f} | {r['xla_over_large_product']:.2f} |")
   if args.json:
     with open(args.json, "w") as f:

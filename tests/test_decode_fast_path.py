@@ -11,6 +11,7 @@ from flax import linen as nn
 
 from gqa_flax import decoding
 from gqa_flax.benchmarks import bytes_model, models, runners
+from gqa_flax import kernels
 from gqa_flax.models import Transformer, t5_1_1_config
 
 VOCAB, HEADS = 40, 4
@@ -41,19 +42,45 @@ def _uncached_greedy(model, params, inputs, length):
   return tokens
 
 
+def _cpu_kernels(enabled):
+  if enabled and not kernels.available():
+    pytest.skip("no CPU kernels here (not the CPU backend, or no C++ compiler)")
+  return enabled
+
+
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["xla", "cpu_kernels"])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA-2", "MQA"])
-def test_forced_length_greedy_matches_uncached_reference(kv_heads):
+def test_forced_length_greedy_matches_uncached_reference(kv_heads, cpu_kernels):
   """GQA params mean-pooled from a multi-head model, as the benchmark makes them; 24 steps
-  reach past the exact relative-position buckets."""
-  config = _config()
+  reach past the exact relative-position buckets. head_dim 32: one the CPU kernels take."""
+  config = _config(head_dim=32)
   params = _init(Transformer(config), _inputs())
   config, params = models.with_kv_heads(config, params, kv_heads)
   model = Transformer(config)
   got = decoding.greedy_decode(model, params, _inputs(), max_decode_length=24,
-                               eos_id=runners.NEVER_EOS)
+                               eos_id=runners.NEVER_EOS, cpu_kernels=_cpu_kernels(cpu_kernels))
   expected = _uncached_greedy(model, params, _inputs(), 24)
   assert len(np.unique(expected)) > 3, expected  # not degenerate
   np.testing.assert_array_equal(got, expected)
+
+
+def test_beam_search_with_cpu_kernels_matches_xla():
+  config = _config(num_kv_heads=2, head_dim=32)
+  model = Transformer(config)
+  params = _init(model, _inputs())
+  search = lambda kernels: decoding.beam_search(model, params, _inputs(), 12, beam_size=3,
+                                                eos_id=runners.NEVER_EOS, cpu_kernels=kernels)
+  tokens, scores = search(False)
+  got_tokens, got_scores = search(_cpu_kernels(True))
+  np.testing.assert_array_equal(got_tokens, tokens)
+  np.testing.assert_allclose(got_scores, scores, rtol=1e-5)
+
+
+def test_cpu_kernels_need_a_float32_model():
+  model = Transformer(_config().replace(dtype="bfloat16"))
+  params = _init(model, _inputs())
+  with pytest.raises(ValueError, match="needs a float32 model"):
+    decoding.greedy_decode(model, params, _inputs(), 4, cpu_kernels=True)
 
 
 def _while_body_ops(hlo: str):

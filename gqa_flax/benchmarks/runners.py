@@ -45,7 +45,8 @@ def _prefill(model: Transformer, params: PyTree, tokens: jax.Array, max_decode_l
   return decoding.init_decode_cache(model, params, encoded, tokens, max_decode_length)
 
 
-def our_calls(config: T5Config, params: PyTree, inputs: np.ndarray, new_tokens: int) -> Calls:
+def our_calls(config: T5Config, params: PyTree, inputs: np.ndarray, new_tokens: int,
+              cpu_kernels: bool = False) -> Calls:
   """`greedy_decode` of the batch `inputs` [batch, inputs_len], and its prefill alone."""
   model = Transformer(config)
   params = jax.device_put(params)
@@ -53,7 +54,8 @@ def our_calls(config: T5Config, params: PyTree, inputs: np.ndarray, new_tokens: 
   prefill_fn = jax.jit(functools.partial(_prefill, model), static_argnums=2)
   return {
       "total": lambda: decoding.greedy_decode(model, params, tokens, max_decode_length=new_tokens,
-                                              eos_id=NEVER_EOS).block_until_ready(),
+                                              eos_id=NEVER_EOS,
+                                              cpu_kernels=cpu_kernels).block_until_ready(),
       "prefill": lambda: jax.block_until_ready(prefill_fn(params, tokens, new_tokens)),
   }
 
