@@ -75,7 +75,7 @@ def build(source: pathlib.Path) -> pathlib.Path:
 
 
 def load(source: pathlib.Path) -> Optional[ctypes.CDLL]:
-  """The compiled library of `source`, or None (logged once per call) if it cannot be built."""
+  """The compiled library of `source`, or None (with a logged warning) if it cannot be built."""
   try:
     return ctypes.CDLL(str(build(source)))
   except (RuntimeError, OSError) as error:

@@ -13,19 +13,17 @@
 #include <vector>
 
 #include "parallel_for.h"
+#include "vec16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float Vec16 __attribute__((vector_size(64)));
 typedef float Vec8 __attribute__((vector_size(32)));
 typedef float Vec4 __attribute__((vector_size(16)));
 typedef int32_t Int16 __attribute__((vector_size(64)));
 
-inline Vec16 Load(const float* p) { Vec16 v; std::memcpy(&v, p, sizeof(v)); return v; }
-inline void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 inline Vec16 Splat(float x) { return Vec16{} + x; }
 
 // The sum of v's lanes, by halves (a short dependency chain).

@@ -3,8 +3,8 @@
 XLA:CPU runs a decode step's attention as two batched matrix products (scores, then weights x
 values) with softmax passes between them; the kernel reads each K/V head once for all the
 query heads of its group, with the softmax in between: 1.0-1.4x XLA's speed on the caches
-(`scripts/bench_primitives.py`). Same arguments and
-result as `gqa_flax.models.attention.grouped_attention` for q_len 1.
+(`scripts/bench_primitives.py`). Same arguments and result as
+`gqa_flax.models.attention.grouped_attention` for q_len 1.
 """
 import pathlib
 

@@ -6,13 +6,14 @@
 // stride of n floats (XLA:CPU's products read it at a third to a half of the bandwidth; see
 // scripts/bench_primitives.py). Each panel is multiplied by up to 8 rows at a time (16 of
 // AVX-512's 32 vector registers hold the accumulators), and panels are shared out to XLA's
-// intra-op threads. Written with GCC vector extensions, so it compiles for
-// any target; `-march=native` picks the vector instructions.
+// intra-op threads. Written with GCC vector extensions (vec16.h), so it compiles for any
+// target; `-march=native` picks the vector instructions.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
 #include "parallel_for.h"
+#include "vec16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -22,11 +23,6 @@ namespace {
 constexpr int64_t kPanel = 32;  // columns per panel: two 16-float vectors
 constexpr int64_t kRows = 8;    // rows per register block
 constexpr int64_t kMinChunkBytes = 256 << 10;  // of weights per scheduled task
-
-typedef float Vec16 __attribute__((vector_size(64)));
-
-inline Vec16 Load(const float* p) { Vec16 v; std::memcpy(&v, p, sizeof(v)); return v; }
-inline void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // y[r, :cols] = x[r, :] @ panel for r < R; x rows have stride k, y rows stride n.
 template <int R>
