@@ -10,9 +10,12 @@ With `cpu_kernels=True` (CPU backend, float32 model) the decoder's kernels are p
 before the loop, into column panels, and each step runs on the hand-written kernels of
 `gqa_flax.kernels` (dense products from the panels, attention over the caches);
 `gqa_flax.kernels.available()` says whether they can run here.
+
+`cache_shardings` (a function of the cache, e.g. `Partitioner.cache_shardings`) pins the
+cache's layout on a mesh, at creation and in the loop carry; `training.predictor` passes it.
 """
 import functools
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,13 @@ from gqa_flax.kernels import panel_matmul
 from gqa_flax.models import Transformer, layers
 
 PyTree = dict
+CacheShardings = Optional[Callable[[PyTree], PyTree]]
+
+
+def _constrained(cache: PyTree, cache_shardings: CacheShardings) -> PyTree:
+  if cache_shardings is None:
+    return cache
+  return jax.lax.with_sharding_constraint(cache, cache_shardings(cache))
 
 
 def init_decode_cache(model: Transformer, params: PyTree, encoded: jax.Array,
@@ -32,6 +42,16 @@ def init_decode_cache(model: Transformer, params: PyTree, encoded: jax.Array,
                              max_decode_length=max_decode_length, method=Transformer.decode,
                              mutable=["cache"])
   return variables["cache"]
+
+
+def prefill(model: Transformer, params: PyTree, encoder_input_tokens: jax.Array,
+            max_decode_length: int, cache_shardings: CacheShardings = None
+            ) -> Tuple[jax.Array, PyTree]:
+  """encoder_input_tokens [batch, inputs_len] -> (encoded [batch, inputs_len, emb], the decode
+  cache), the cache in `cache_shardings`' layout when given."""
+  encoded = model.apply({"params": params}, encoder_input_tokens, method=Transformer.encode)
+  cache = init_decode_cache(model, params, encoded, encoder_input_tokens, max_decode_length)
+  return encoded, _constrained(cache, cache_shardings)
 
 
 def kernel_panels(params: PyTree) -> PyTree:
@@ -70,22 +90,24 @@ def decode_step(model: Transformer, params: PyTree, cache: PyTree, encoded: jax.
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "eos_id",
-                                             "cpu_kernels"))
+                                             "cpu_kernels", "cache_shardings"))
 def greedy_decode(model: Transformer, params: PyTree, encoder_input_tokens: jax.Array,
-                  max_decode_length: int, eos_id: int = 1, cpu_kernels: bool = False) -> jax.Array:
+                  max_decode_length: int, eos_id: int = 1, cpu_kernels: bool = False,
+                  cache_shardings: CacheShardings = None) -> jax.Array:
   """encoder_input_tokens [batch, inputs_len] -> tokens [batch, max_decode_length].
 
   Each sequence's tokens after its EOS are 0 (padding), as in T5X.
   """
   batch = encoder_input_tokens.shape[0]
-  encoded = model.apply({"params": params}, encoder_input_tokens, method=Transformer.encode)
-  cache = init_decode_cache(model, params, encoded, encoder_input_tokens, max_decode_length)
+  encoded, cache = prefill(model, params, encoder_input_tokens, max_decode_length,
+                           cache_shardings)
   panels = _panels_if(model, params, cpu_kernels)
 
   def body(state):
     i, cache, token, out, done = state
     logits, cache = decode_step(model, params, cache, encoded, encoder_input_tokens, token,
                                 max_decode_length, panels)
+    cache = _constrained(cache, cache_shardings)
     token = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
     return i + 1, cache, token, out.at[:, i].set(token), done | (token == eos_id)
 
@@ -117,10 +139,11 @@ def _gather_beams(tree: PyTree, beam_indices: jax.Array, batch: int, beams: int)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "beam_size", "eos_id",
-                                             "cpu_kernels"))
+                                             "cpu_kernels", "cache_shardings"))
 def beam_search(model: Transformer, params: PyTree, encoder_input_tokens: jax.Array,
                 max_decode_length: int, beam_size: int = 4, alpha: float = 0.6,
-                eos_id: int = 1, cpu_kernels: bool = False) -> Tuple[jax.Array, jax.Array]:
+                eos_id: int = 1, cpu_kernels: bool = False,
+                cache_shardings: CacheShardings = None) -> Tuple[jax.Array, jax.Array]:
   """T5X-style beam search with length penalty `alpha`.
 
   Returns (tokens [batch, beam_size, max_decode_length], scores [batch, beam_size]),
@@ -129,8 +152,7 @@ def beam_search(model: Transformer, params: PyTree, encoder_input_tokens: jax.Ar
   batch = encoder_input_tokens.shape[0]
   k = beam_size
   inputs = jnp.repeat(encoder_input_tokens, k, axis=0)  # [batch*beams, inputs_len]
-  encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
-  cache = init_decode_cache(model, params, encoded, inputs, max_decode_length)
+  encoded, cache = prefill(model, params, inputs, max_decode_length, cache_shardings)
   panels = _panels_if(model, params, cpu_kernels)
   neg_inf = jnp.array(-1e7, jnp.float32)
 
@@ -156,6 +178,7 @@ def beam_search(model: Transformer, params: PyTree, encoder_input_tokens: jax.Ar
     live_logp, best = jax.lax.top_k(jnp.where(is_eos, neg_inf, top_logp), k)
     live_seqs = _gather_beams(seqs, best, batch, 2 * k)
     cache = _gather_beams(cache, _gather_beams(top_beams, best, batch, 2 * k), batch, k)
+    cache = _constrained(cache, cache_shardings)
     return i + 1, cache, live_seqs, live_logp, fin_seqs, fin_scores, fin_flags
 
   def cond(state):

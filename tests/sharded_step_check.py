@@ -46,7 +46,7 @@ def compare(num_kv_heads: int) -> dict:
     single, single_metrics = jax.jit(step)(single, jax.device_put(batch, jax.devices()[0]))
   sharded_step = trainer.jit_train_step(partitioner, step, shardings)
   for _ in range(2):
-    state, metrics = sharded_step(state, partitioner.global_batch(batch))
+    state, metrics = sharded_step(state, partitioner.global_batch(batch, 8))
   kv_spec = state.params["decoder"]["layers_0"]["self_attention"]["key"]["kernel"].sharding.spec
   q_spec = state.params["decoder"]["layers_0"]["self_attention"]["query"]["kernel"].sharding.spec
   diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b)))),

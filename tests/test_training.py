@@ -142,7 +142,7 @@ def test_uptrain_restores_converted_checkpoint_with_fresh_optimizer(tmp_path):
                              param_states=optimizer.init(converted))
   step = jax.jit(trainer.make_train_step(model, optimizer, lr))
   cfg = data_pipeline.DatasetConfig(training_task.TASK_NAME, LENGTHS, batch_size=8, seed=0)
-  batches = data_pipeline.as_numpy(data_pipeline.get_dataset(cfg, Partitioner().shard_info()))
+  batches = data_pipeline.as_numpy(data_pipeline.get_dataset(cfg, Partitioner().data_layout(8)))
   for _ in range(total - original_steps):
     state, _ = step(state, next(batches))
   for path, value in jax.tree_util.tree_leaves_with_path(state.params):

@@ -6,13 +6,17 @@
   gqa-reproduce --preset mini --out runs/mini --list # the stage view and commands, no run
 
 Rerunning with the same --out skips finished stages and reruns failed ones. Writes
-OUT/table1.md, OUT/table1.json and OUT/fig3.png ... OUT/fig6.png.
+OUT/table1.md, OUT/table1.json and OUT/fig3.png ... OUT/fig6.png. On a pod every host runs the
+same command (TPU VMs: nothing to add; GPU/CPU clusters: T5X's --multiprocess_gpu
+--coordinator_address=HOST:PORT --process_count=N --process_index=I, where the stages use the
+ports after PORT); OUT may be a gs:// URL.
 """
 import argparse
 import os
 import sys
 import time
 
+from gqa_flax import pod
 from gqa_flax.reproduce import figures, report, runner
 from gqa_flax.reproduce.presets import load_preset
 from gqa_flax.reproduce.stages import Plan
@@ -33,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--list", action="store_true", help="print the stages and exit")
   parser.add_argument("--heartbeat", type=float, default=30.0,
                       help="seconds between a running stage's progress lines")
+  parser.add_argument("--tfds_data_dir", default=None,
+                      help="TFDS data dir of the paper's tasks (default: $TFDS_DATA_DIR)")
+  pod.add_flags(parser)
   return parser.parse_args(argv)
 
 
@@ -42,15 +49,23 @@ def main(argv=None) -> int:
   try:
     preset = load_preset(args.preset, args.gin_bindings)
     data_dir = args.data_dir or (os.path.join(args.out, "data") if preset.prepare else None)
-    plan = Plan(preset, args.out, data_dir)
+    plan = Plan(preset, args.out, data_dir, args.tfds_data_dir)
     if args.list:
       stages = plan.stages()
       print(runner.stage_view(plan, stages))
       for stage in stages:
         print(f"\n# {stage.name}\n{' '.join(stage.argv)}")
       return 0
-    records = runner.run_all(plan, args.heartbeat)
+    pod_flags = pod.flags_of(args)
+    pod.initialize(**pod_flags)
+    if not pod.joined():
+      pod_flags = None
+    elif not pod_flags["coordinator_address"]:  # a TPU pod that joined by itself
+      pod_flags = pod.own_flags()
+    records = runner.run_all(plan, args.heartbeat, pod_flags)
     seconds = sum(r["seconds"] for r in records.values())
+    if not pod.is_writer():
+      return 0
     table = report.write_report(plan, records, seconds)
     bad = report.check_finite(table)
     if bad:

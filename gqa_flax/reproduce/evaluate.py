@@ -24,10 +24,13 @@ import gin
 import jax
 import numpy as np
 import seqio
+from etils import epath
 
+from gqa_flax import pod
 from gqa_flax.checkpoints.orbax_format import step_dir
 from gqa_flax.reproduce.timing import seconds_per_sample, write_json
 from gqa_flax.training import data_pipeline, evaluation, gin_utils
+from gqa_flax.training.partitioning import Partitioner
 
 PRIMARY_METRICS = ("rouge1", "bleu", "f1")
 
@@ -43,7 +46,7 @@ def first_batch(cfg: data_pipeline.DatasetConfig, batch_size: int) -> np.ndarray
 
 
 def evaluate_task(task_gin: str, model_dir: str, output_dir: str, num_examples: int,
-                  batch_size: int, repeats: int) -> dict:
+                  batch_size: int, repeats: int, num_partitions: int) -> dict:
   """gqa-eval of MODEL_DIR's kept checkpoint on TASK_GIN's test split, plus its timing."""
   checkpoint = step_dir(model_dir)
   if checkpoint is None:
@@ -51,30 +54,32 @@ def evaluate_task(task_gin: str, model_dir: str, output_dir: str, num_examples: 
   gin.clear_config()
   gin_utils.parse_gin(["runs/eval.gin", task_gin], [
       f'CHECKPOINT_PATH="{checkpoint}"', f'EVAL_OUTPUT_DIR="{output_dir}"',
-      f"EVAL_MAX_EXAMPLES={num_examples}", f"BATCH_SIZE={batch_size}"])
+      f"EVAL_MAX_EXAMPLES={num_examples}", f"BATCH_SIZE={batch_size}",
+      f"NUM_PARTITIONS={num_partitions}"])
   metrics = evaluation.evaluate()
-  with open(os.path.join(output_dir, evaluation.METRICS_FILE)) as f:
-    counts = json.load(f)["num_examples"]
+  counts = json.loads((epath.Path(output_dir) / evaluation.METRICS_FILE).read_text())[
+      "num_examples"]
   (task, scores), = metrics.items()
   metric = next(m for m in PRIMARY_METRICS if m in scores)
   cfg = data_pipeline.DatasetConfig()
   tokens = first_batch(cfg, batch_size)
-  model, params, step = evaluation.restore_model(checkpoint)
+  decoder, step = evaluation.restore_predictor(checkpoint, partitioner=Partitioner(num_partitions))
   targets = cfg.task_feature_lengths["targets"]
-  t_infer = seconds_per_sample(lambda: model.predict_batch(params, tokens, targets), batch_size,
-                               repeats)
-  print(f"{task}: {metric} {scores[metric]:.2f} on {counts[task]} test examples, "
-        f"{t_infer * 1e3:.2f} ms/sample ({model.config.attention_name}, step {step})", flush=True)
+  t_infer = seconds_per_sample(lambda: decoder.predict(tokens, targets), batch_size, repeats)
+  config = decoder.model.config
+  if pod.is_writer():
+    print(f"{task}: {metric} {scores[metric]:.2f} on {counts[task]} test examples, "
+          f"{t_infer * 1e3:.2f} ms/sample ({config.attention_name}, step {step})", flush=True)
   return {"task": task, "checkpoint": checkpoint, "metric": metric, "score": float(scores[metric]),
           "metrics": {k: float(v) for k, v in scores.items()}, "n_eval_examples": counts[task],
-          "t_infer_s": t_infer, "kv_heads": model.config.num_kv_heads,
-          "num_heads": model.config.num_heads}
+          "t_infer_s": t_infer, "kv_heads": config.num_kv_heads, "num_heads": config.num_heads}
 
 
 def evaluate_variant(runs: List[List[str]], output_dir: str, num_examples: int, batch_size: int,
-                     repeats: int) -> dict:
+                     repeats: int, num_partitions: int) -> dict:
   tasks = [evaluate_task(task_gin, model_dir, os.path.join(output_dir, os.path.basename(model_dir)),
-                         num_examples, batch_size, repeats) for task_gin, model_dir in runs]
+                         num_examples, batch_size, repeats, num_partitions)
+           for task_gin, model_dir in runs]
   return {"tasks": {t["task"]: t for t in tasks},
           "t_infer_s": float(np.mean([t["t_infer_s"] for t in tasks])),
           "device": jax.devices()[0].device_kind}
@@ -100,24 +105,34 @@ def main(argv=None) -> int:
   parser.add_argument("--num_examples", type=int, default=100, help="test examples per task")
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=5, help="timed decoding repeats")
+  parser.add_argument("--num_partitions", type=int, default=1,
+                      help="model-parallel size of the decoding mesh")
   parser.add_argument("--output_dir", required=True)
+  pod.add_flags(parser)
   args = parser.parse_args(argv)
   start = time.time()
   results = {}
   try:
+    pod.initialize(**pod.flags_of(args))
     for variant, runs in parse_evals(args.eval).items():
-      path = os.path.join(args.output_dir, f"{variant}.json")
-      if not os.path.isfile(path):
-        write_json(path, evaluate_variant(runs, os.path.join(args.output_dir, variant),
-                                          args.num_examples, args.batch_size, args.repeats))
-      with open(path) as f:
-        results[variant] = json.load(f)
+      path = epath.Path(args.output_dir) / f"{variant}.json"
+      # Every host decodes the same variants: the writer's view of what is done decides.
+      if not pod.broadcast(f"evaluate/{variant}/done", path.is_file()):
+        result = evaluate_variant(runs, os.path.join(args.output_dir, variant),
+                                  args.num_examples, args.batch_size, args.repeats,
+                                  args.num_partitions)
+        if pod.is_writer():
+          write_json(str(path), result)
+        pod.barrier(f"evaluate/{variant}/written")
+      results[variant] = json.loads(path.read_text())
   except (ValueError, OSError) as e:
     print(f"gqa_flax.reproduce.evaluate: error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 1
-  write_json(os.path.join(args.output_dir, "result.json"), {
-      "variants": results, "batch_size": args.batch_size, "repeats": args.repeats,
-      "max_examples": args.num_examples, "seconds": round(time.time() - start, 1)})
+  if pod.is_writer():
+    write_json(os.path.join(args.output_dir, "result.json"), {
+        "variants": results, "batch_size": args.batch_size, "repeats": args.repeats,
+        "max_examples": args.num_examples, "num_partitions": args.num_partitions,
+        "seconds": round(time.time() - start, 1)})
   return 0
 
 

@@ -63,6 +63,7 @@ class Preset:
   eval_examples, eval_batch_size: test examples scored per task, decoding batch.
   timing_repeats: timed repeats of one decoding batch (median; compilation excluded).
   fig6: {'model', 'groups', 'inputs', 'targets', 'batch'} for time per sample vs groups.
+  decode_partitions: model-parallel size of the evaluate and timing stages' decoding mesh.
   """
   name: str = gin.REQUIRED
   models: Dict[str, str] = gin.REQUIRED
@@ -78,6 +79,7 @@ class Preset:
   checkpoints: Dict[str, str] = dataclasses.field(default_factory=dict)
   bindings: Sequence[str] = ()
   prepare: Dict[str, int] = dataclasses.field(default_factory=dict)
+  decode_partitions: int = 1
   eval_examples: int = 100
   eval_batch_size: int = 16
   timing_repeats: int = 5

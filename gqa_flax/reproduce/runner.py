@@ -1,17 +1,28 @@
-"""Runs a plan's stages in order as subprocesses; resumable.
+"""Runs a plan's stages in order as subprocesses; resumable, on one host or on every host of a pod.
 
 A stage is done when OUT/stages/NAME/DONE.json exists: it is written atomically after the
 command exits 0 and holds the command, its seconds and its result file's contents. Done
 stages are skipped; a failed or interrupted stage has no DONE.json and runs again (training
 resumes from its run's latest checkpoint). Each stage's output goes to OUT/stages/NAME/log.txt;
 its last line is echoed every `heartbeat` seconds.
+
+On a pod (the runner joined with `pod.initialize`) every host runs this with the same plan:
+process 0 decides which stages are left and broadcasts the list; every host runs each stage
+(joined into a pod of its own by the flags appended here, on the next coordinator port); the
+hosts' exit codes are shared, so all agree whether the stage failed; process 0 alone writes
+log.txt, DONE.json and the messages (the others log to a local temporary file); a barrier
+ends each stage.
 """
 import json
 import os
 import subprocess
+import tempfile
 import time
 from typing import Dict, List, Optional
 
+from etils import epath
+
+from gqa_flax import pod
 from gqa_flax.reproduce.stages import Plan, Stage
 from gqa_flax.reproduce.timing import write_json
 
@@ -24,11 +35,10 @@ class StageError(RuntimeError):
 
 
 def done_record(plan: Plan, name: str) -> Optional[dict]:
-  path = os.path.join(plan.stage_dir(name), DONE)
-  if not os.path.isfile(path):
+  path = epath.Path(plan.stage_dir(name)) / DONE
+  if not path.is_file():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def _fmt(seconds: float) -> str:
@@ -56,43 +66,74 @@ def _last_line(path: str) -> str:
   return (progress or tail or [""])[-1].strip()
 
 
-def run_stage(plan: Plan, stage: Stage, heartbeat: float) -> dict:
-  """Runs `stage`'s command; writes and returns its DONE record; raises StageError."""
-  directory = plan.stage_dir(stage.name)
-  os.makedirs(directory, exist_ok=True)
-  log = os.path.join(directory, LOG)
+def _stage_argv(stage: Stage, index: int, pod_flags: Optional[dict]) -> List[str]:
+  """The stage's command, joined into a pod on coordinator port + 1 + `index` on a pod."""
+  if not pod_flags or stage.writer_only:
+    return list(stage.argv)
+  host, port = pod_flags["coordinator_address"].rsplit(":", 1)
+  return list(stage.argv) + pod.as_argv(True, f"{host}:{int(port) + 1 + index}",
+                                        pod_flags["process_count"], pod_flags["process_index"])
+
+
+def _run_command(argv: List[str], log: str, env: Dict[str, str], name: str,
+                 heartbeat: float) -> int:
+  """Runs `argv` with its output in the local file `log`; echoes progress every heartbeat."""
   start = time.time()
   with open(log, "w") as out:
-    out.write(" ".join(stage.argv) + "\n")
+    out.write(" ".join(argv) + "\n")
     out.flush()
-    process = subprocess.Popen(list(stage.argv), stdout=out, stderr=subprocess.STDOUT,
-                               env=plan.env())
+    process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     while True:
       try:
-        code = process.wait(timeout=heartbeat)
-        break
+        return process.wait(timeout=heartbeat)
       except subprocess.TimeoutExpired:
-        print(f"    {stage.name} {_fmt(time.time() - start)}: {_last_line(log)[:150]}", flush=True)
+        if pod.is_writer():
+          print(f"    {name} {_fmt(time.time() - start)}: {_last_line(log)[:150]}", flush=True)
       except BaseException:
         process.kill()
         raise
-  if code != 0:
-    raise StageError(f"stage {stage.name} failed (exit {code}) after "
-                     f"{_fmt(time.time() - start)}: {_last_line(log)[:300]} -- full log: {log}")
-  result = None
-  if stage.result:
-    with open(stage.result) as f:
-      result = json.load(f)
-  record = {"stage": stage.name, "argv": list(stage.argv), "seconds": round(time.time() - start, 1),
-            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
-  write_json(os.path.join(directory, DONE), record)
-  return record
 
 
-def run_all(plan: Plan, heartbeat: float = 30.0) -> Dict[str, dict]:
-  """Runs every stage not done yet; returns stage name -> DONE record."""
+def run_stage(plan: Plan, stage: Stage, heartbeat: float, index: int = 0,
+              pod_flags: Optional[dict] = None) -> dict:
+  """Runs `stage`'s command (on every host of a pod); writes and returns its DONE record;
+  raises StageError on every host when it failed on any."""
+  directory = epath.Path(plan.stage_dir(stage.name))
+  local_log = os.path.join(tempfile.mkdtemp(prefix="gqa_reproduce_"), LOG)
+  start = time.time()
+  code = 0
+  if pod.is_writer() or not stage.writer_only:
+    code = _run_command(_stage_argv(stage, index, pod_flags), local_log, plan.env(), stage.name,
+                        heartbeat)
+  codes = pod.gather(f"stage/{stage.name}/code", code)
+  log = directory / LOG
+  if pod.is_writer():
+    directory.mkdir(parents=True, exist_ok=True)
+    log.write_text(epath.Path(local_log).read_text())
+  if any(codes):
+    failed = [i for i, c in enumerate(codes) if c]
+    raise StageError(f"stage {stage.name} failed (exit {codes[failed[0]]} on process "
+                     f"{failed[0]} of {len(codes)}) after {_fmt(time.time() - start)}: "
+                     f"{_last_line(local_log)[:300]} -- full log: {log}")
+  record = None
+  if pod.is_writer():
+    result = json.loads(epath.Path(stage.result).read_text()) if stage.result else None
+    record = {"stage": stage.name, "argv": list(stage.argv),
+              "seconds": round(time.time() - start, 1),
+              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
+    write_json(str(directory / DONE), record)
+  pod.barrier(f"stage/{stage.name}/done")
+  return record or done_record(plan, stage.name)
+
+
+def run_all(plan: Plan, heartbeat: float = 30.0, pod_flags: Optional[dict] = None
+            ) -> Dict[str, dict]:
+  """Runs every stage not done yet; returns stage name -> DONE record. On a pod, call it on
+  every host with the same plan and `pod_flags` (the runner's own, see module docstring)."""
   stages = plan.stages()
-  todo = [s for s in stages if done_record(plan, s.name) is None]
+  left = pod.broadcast("stages/left", [s.name for s in stages
+                                       if pod.is_writer() and done_record(plan, s.name) is None])
+  todo = [s for s in stages if s.name in left]
   print(f"{len(stages)} stages, {len(stages) - len(todo)} done, {len(todo)} to run "
         f"(logs under {os.path.join(plan.out, 'stages')})", flush=True)
   start = time.time()
@@ -100,7 +141,7 @@ def run_all(plan: Plan, heartbeat: float = 30.0) -> Dict[str, dict]:
   for i, stage in enumerate(todo, 1):
     print(f"[{i}/{len(todo)}] running {stage.name} ({len(stages) - len(todo) + i - 1} done, "
           f"{len(todo) - i} left after it)", flush=True)
-    record = run_stage(plan, stage, heartbeat)
+    record = run_stage(plan, stage, heartbeat, stages.index(stage), pod_flags)
     elapsed = time.time() - start
     eta = elapsed / i * (len(todo) - i)
     print(f"stage {i}/{len(todo)} {stage.name} done in {_fmt(record['seconds'])}; elapsed "

@@ -23,22 +23,32 @@ from gqa_flax.reproduce.presets import Preset, Variant
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
+  """One command. On a pod every host runs it (joined by the pod flags the runner appends),
+  except a `writer_only` stage (the mini corpus' preparation), which process 0 runs alone."""
   name: str
   argv: Sequence[str]
   result: Optional[str] = None  # the JSON file the command writes (kept in DONE.json)
+  writer_only: bool = False
 
 
 def _module(name: str, *args: str) -> List[str]:
   return [sys.executable, "-m", name, *args]
 
 
+def _absolute(path: str) -> str:
+  """A local path made absolute; a URL (gs://...) as it is."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 class Plan:
   """Paths and commands of a preset's run under `out`."""
 
-  def __init__(self, preset: Preset, out: str, data_dir: Optional[str]):
+  def __init__(self, preset: Preset, out: str, data_dir: Optional[str],
+               tfds_data_dir: Optional[str] = None):
     self.preset = preset
-    self.out = os.path.abspath(out)
-    self.data_dir = os.path.abspath(data_dir) if data_dir else None
+    self.out = _absolute(out)
+    self.data_dir = _absolute(data_dir) if data_dir else None
+    self.tfds_data_dir = tfds_data_dir or os.environ.get("TFDS_DATA_DIR")
 
   def run_dir(self, name: str) -> str:
     return os.path.join(self.out, "runs", name)
@@ -80,6 +90,8 @@ class Plan:
     if task_gin:
       argv.append(f"--gin_file={task_gin}")
     argv += [f'--gin.MODEL_DIR="{self.run_dir(run)}"', f"--gin.TRAIN_STEPS={steps}"]
+    if self.tfds_data_dir:
+      argv.append(f"--tfds_data_dir={self.tfds_data_dir}")
     if initial:
       argv.append(f'--gin.INITIAL_CHECKPOINT_PATH="{initial}"')
     if v.kv_heads is not None:
@@ -95,7 +107,8 @@ class Plan:
 
     if p.prepare:
       add(Stage("prepare", _module("gqa_flax.data.prepare", "--mini", f"--data_dir={self.data_dir}",
-                                   *(f"--{k}={val}" for k, val in sorted(p.prepare.items())))))
+                                   *(f"--{k}={val}" for k, val in sorted(p.prepare.items()))),
+                writer_only=True))
     for model in sorted({v.model for v in p.variants}):
       if model not in p.checkpoints:
         mha = Variant(model, None, 0.0, "mean")
@@ -122,7 +135,7 @@ class Plan:
     add(Stage("evaluate", _module(
         "gqa_flax.reproduce.evaluate", f"--output_dir={evaluate}",
         f"--num_examples={p.eval_examples}", f"--batch_size={p.eval_batch_size}",
-        f"--repeats={p.timing_repeats}",
+        f"--repeats={p.timing_repeats}", f"--num_partitions={p.decode_partitions}",
         *(f"--eval={v.key}:{task_gin}={self.run_dir(self.finetune_run(v, task))}"
           for v in p.variants for task, task_gin in p.tasks.items())),
         os.path.join(evaluate, "result.json")))
@@ -132,12 +145,16 @@ class Plan:
         "gqa_flax.reproduce.timing", f"--checkpoint={self.pretrained(f6['model'])}",
         f"--groups={','.join(str(g) for g in f6['groups'])}", f"--inputs={f6['inputs']}",
         f"--targets={f6['targets']}", f"--batch_size={f6['batch']}",
-        f"--repeats={p.timing_repeats}", f"--output={result}"), result))
+        f"--repeats={p.timing_repeats}", f"--num_partitions={p.decode_partitions}",
+        f"--output={result}"), result))
     return list(stages.values())
 
   def env(self) -> Dict[str, str]:
-    """The stages' environment: the mini corpus' data dir when this run prepares one."""
+    """The stages' environment: the mini corpus' data dir when this run prepares one, and
+    the TFDS data dir of the paper's tasks."""
     env = dict(os.environ)
     if self.data_dir:
       env["GQA_DATA_DIR"] = self.data_dir
+    if self.tfds_data_dir:
+      env["TFDS_DATA_DIR"] = self.tfds_data_dir
     return env

@@ -5,7 +5,9 @@
 
 Each G converts the multi-head checkpoint CKPT with gqa_flax's converter (mean pooling) in
 memory, then times greedy decoding of `--targets` tokens (EOS disabled so every sample
-decodes the full length, as in the paper's fixed 2048/512 setup) from random input tokens.
+decodes the full length, as in the paper's fixed 2048/512 setup) from random input tokens,
+with the partitioned decoding of `training.predictor` on a mesh of `--num_partitions`-way
+model parallelism (every host of a pod runs the command; process 0 writes the result).
 """
 import argparse
 import json
@@ -15,13 +17,16 @@ from typing import Callable
 
 import jax
 import numpy as np
+from etils import epath
 
-from gqa_flax import decoding
+from gqa_flax import pod
 from gqa_flax.benchmarks import runners
 from gqa_flax.checkpoints.convert import convert_arrays
 from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.checkpoints.arrays import unflatten
-from gqa_flax.models import Transformer
+from gqa_flax.training import predictor
+from gqa_flax.training.encoder_decoder import EncoderDecoderModel
+from gqa_flax.training.partitioning import Partitioner
 
 
 def seconds_per_sample(decode: Callable[[], jax.Array], batch_size: int, repeats: int) -> float:
@@ -32,7 +37,7 @@ def seconds_per_sample(decode: Callable[[], jax.Array], batch_size: int, repeats
 
 
 def time_groups(checkpoint: str, groups, inputs: int, targets: int, batch_size: int,
-                repeats: int) -> list:
+                repeats: int, partitioner: Partitioner) -> list:
   """[{'kv_heads', 't_infer_s'}] for every G in `groups`."""
   source = open_checkpoint(checkpoint)
   tokens = np.random.default_rng(0).integers(
@@ -41,21 +46,28 @@ def time_groups(checkpoint: str, groups, inputs: int, targets: int, batch_size: 
   for g in groups:
     config, arrays = convert_arrays(source, g, method="mean")
     params = unflatten({name: np.asarray(array.read()) for name, array in arrays.items()})
-    model = Transformer(config)
-    t = seconds_per_sample(lambda: decoding.greedy_decode(
-        model, params, tokens, max_decode_length=targets, eos_id=runners.NEVER_EOS), batch_size, repeats)
+    decoder = predictor.from_host_params(EncoderDecoderModel(config), params, partitioner)
+    t = seconds_per_sample(lambda: decoder.predict(tokens, targets, eos_id=runners.NEVER_EOS),
+                           batch_size, repeats)
     points.append({"kv_heads": g, "attention": config.attention_name, "t_infer_s": t})
-    print(f"fig6: {config.attention_name}: {t * 1e3:.2f} ms/sample "
-          f"(inputs {inputs}, outputs {targets}, batch {batch_size})", flush=True)
+    if pod.is_writer():
+      print(f"fig6: {config.attention_name}: {t * 1e3:.2f} ms/sample "
+            f"(inputs {inputs}, outputs {targets}, batch {batch_size})", flush=True)
   return points
 
 
 def write_json(path: str, data: dict) -> None:
-  """Writes `data` to `path` atomically (a temporary file renamed into place)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(data, f, indent=2)
-  os.replace(path + ".tmp", path)
+  """Writes `data` to `path` at once: a local file through a temporary file renamed into
+  place, an object store's (gs://) in one object write (atomic there)."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  text = json.dumps(data, indent=2)
+  if "://" in str(path):
+    path.write_text(text)
+    return
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -67,18 +79,23 @@ def main(argv=None) -> int:
   parser.add_argument("--targets", type=int, required=True, help="decoded tokens")
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--num_partitions", type=int, default=1, help="model-parallel size")
   parser.add_argument("--output", required=True, help="result JSON file")
+  pod.add_flags(parser)
   args = parser.parse_args(argv)
   try:
+    pod.initialize(**pod.flags_of(args))
     groups = [int(g) for g in args.groups.split(",")]
     points = time_groups(args.checkpoint, groups, args.inputs, args.targets, args.batch_size,
-                         args.repeats)
+                         args.repeats, Partitioner(args.num_partitions))
   except (ValueError, OSError) as e:
     print(f"gqa_flax.reproduce.timing: error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 1
-  write_json(args.output, {"points": points, "inputs": args.inputs, "targets": args.targets,
-                           "batch_size": args.batch_size, "repeats": args.repeats,
-                           "device": jax.devices()[0].device_kind})
+  if pod.is_writer():
+      write_json(args.output, {"points": points, "inputs": args.inputs, "targets": args.targets,
+                             "batch_size": args.batch_size, "repeats": args.repeats,
+                             "num_partitions": args.num_partitions, "devices": jax.device_count(),
+                             "device": jax.devices()[0].device_kind})
   return 0
 
 

@@ -2,10 +2,12 @@
 
 The feature converter (`seqio.EncDecFeatureConverter`) turns a task's inputs/targets into
 encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights
-[batch, length] and, when packing, encoder/decoder segment_ids and positions. Each host reads
-its `shard_info` slice and batches `batch_size // num_shards` examples. With a seed the order
-is a pure function of (seed, shard), so a resumed run skips `batches_consumed` batches and
-sees exactly the batches an uninterrupted run would.
+[batch, length] and, when packing, encoder/decoder segment_ids and positions. A host reads the
+data shards of its `partitioning.DataLayout` (one per mesh row it holds), batches
+`batch_size // num_shards` examples of each and concatenates them in row order. With a seed the
+order is a pure function of (seed, shard), so a resumed run skips `batches_consumed` batches
+and sees exactly the batches an uninterrupted run would. Evaluation reads one epoch, padded
+to a number of batches that is the same on every host (`pad_to`), so no host waits for another.
 """
 import dataclasses
 import importlib
@@ -15,6 +17,8 @@ import gin
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from gqa_flax.training.partitioning import DataLayout
 
 
 @gin.configurable
@@ -43,19 +47,38 @@ class DatasetConfig:
                        "module that registers it") from e
 
 
-def get_dataset(cfg: DatasetConfig, shard_info: seqio.ShardInfo, num_epochs: Optional[int] = None,
-                batches_consumed: int = 0) -> tf.data.Dataset:
-  """This host's batches (dicts of int32 [batch_size / num_shards, length]), repeating when
-  num_epochs is None, starting after `batches_consumed` batches."""
-  if cfg.batch_size % shard_info.num_shards:
-    raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {shard_info.num_shards} "
-                     "hosts reading the data; change BATCH_SIZE")
+def _shard_dataset(cfg: DatasetConfig, shard_info: seqio.ShardInfo, batch_size: int,
+                   num_epochs: Optional[int]) -> tf.data.Dataset:
   ds = seqio.get_dataset(
       cfg.task().name, task_feature_lengths=dict(cfg.task_feature_lengths),
       dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=num_epochs,
       feature_converter=seqio.EncDecFeatureConverter(pack=cfg.pack), shard_info=shard_info,
       use_cached=cfg.use_cached, seed=cfg.seed)
-  ds = ds.batch(cfg.batch_size // shard_info.num_shards, drop_remainder=True)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def _padding_batches(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Endless all-zero batches shaped like `ds`'s (zero loss weights: they score nothing)."""
+  zeros = {name: tf.zeros(spec.shape, spec.dtype) for name, spec in ds.element_spec.items()}
+  return tf.data.Dataset.from_tensors(zeros).repeat()
+
+
+def get_dataset(cfg: DatasetConfig, layout: DataLayout, num_epochs: Optional[int] = None,
+                batches_consumed: int = 0, pad_to: Optional[int] = None) -> tf.data.Dataset:
+  """This host's batches (dicts of int32 [len(shard_ids) * batch_size / num_shards, length]),
+  repeating when num_epochs is None, starting after `batches_consumed` batches; with `pad_to`
+  exactly that many batches (the data's first ones, then all-zero batches)."""
+  if cfg.batch_size != layout.batch_size:
+    raise ValueError(f"the data layout is for batch size {layout.batch_size}, the dataset's is "
+                     f"{cfg.batch_size}")
+  shards = []
+  for shard_info in layout.shard_infos():
+    ds = _shard_dataset(cfg, shard_info, layout.per_shard_batch_size, num_epochs)
+    if pad_to is not None:
+      ds = ds.take(pad_to).concatenate(_padding_batches(ds)).take(pad_to)
+    shards.append(ds)
+  ds = shards[0] if len(shards) == 1 else tf.data.Dataset.zip(tuple(shards)).map(
+      lambda *batches: {name: tf.concat([b[name] for b in batches], 0) for name in batches[0]})
   return ds.skip(batches_consumed).prefetch(tf.data.AUTOTUNE)
 
 

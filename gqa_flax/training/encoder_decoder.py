@@ -1,4 +1,4 @@
-"""`EncoderDecoderModel`: the T5 network with its loss and greedy prediction (T5X `models.py`).
+"""`EncoderDecoderModel`: the T5 network with its loss (T5X `models.py`); decoding: predictor.py.
 
 Gin binds it like T5X's `models.EncoderDecoderModel`: the network config, z_loss,
 label_smoothing and loss_normalizing_factor. Batches are T5X's feature-converter output:
@@ -6,14 +6,12 @@ encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_
 [batch, length] int32 and, when packed, encoder/decoder segment_ids and positions.
 """
 import dataclasses
-import functools
 from typing import Any, Dict, Tuple, Union
 
 import gin
 import jax
 import jax.numpy as jnp
 
-from gqa_flax import decoding
 from gqa_flax.models import T5Config, Transformer
 from gqa_flax.training import losses
 
@@ -59,9 +57,3 @@ class EncoderDecoderModel:
                "cross_ent_loss_per_target_token": cross_entropy / jnp.maximum(weight_sum, 1.0),
                "accuracy": jnp.sum(correct) / jnp.maximum(weight_sum, 1.0)}
     return loss, metrics
-
-  @functools.partial(jax.jit, static_argnums=(0, 3))
-  def predict_batch(self, params: Any, encoder_input_tokens: jax.Array,
-                    max_decode_length: int) -> jax.Array:
-    """Greedy decoding (the paper's inference): [batch, inputs_len] -> [batch, max_decode_length]."""
-    return decoding.greedy_decode(self.module, params, encoder_input_tokens, max_decode_length)

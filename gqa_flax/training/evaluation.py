@@ -2,32 +2,38 @@
 
 `InferenceEvaluator` wraps `seqio.Evaluator`: the split's first `num_examples` examples (in
 file order, no shuffling) are cut to the DatasetConfig's task_feature_lengths, decoded
-greedily (`EncoderDecoderModel.predict_batch`, max decode length = the targets length) and
-scored by the task's metric_fns after its postprocess_fn, exactly as seqio scores them.
+greedily by a `predictor.Predictor` (partitioned over the mesh, max decode length = the
+targets length) and scored by the task's metric_fns after its postprocess_fn, exactly as
+seqio scores them.
 
   evaluator = InferenceEvaluator(dataset_cfg, num_examples=100)
-  metrics = evaluator.evaluate(model, params)  # {task: {metric: value}}
+  metrics = evaluator.evaluate(predictor)  # {task: {metric: value}}
+
+On a pod every host reads the split and takes part in decoding each batch (its devices decode
+their rows), every host gets all predictions back and scores them, and only the writer
+writes the predictions and metrics files.
 
 `evaluate` (gin-configurable, behind `gqa_flax.eval`) scores one checkpoint this way and writes
 OUTPUT_DIR/metrics.json and {task}-predictions.jsonl; the training loop scores every
 checkpoint it saves to keep the best by a task metric (`inference_eval/{task}/{metric}`, T5X's
 names).
 """
+import functools
 import json
 import logging
-import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import gin
-import jax
 import numpy as np
 import seqio
 import tensorflow as tf
+from etils import epath
 
-from gqa_flax import checkpoints
-from gqa_flax.models import T5Config
+from gqa_flax import pod
 from gqa_flax.training.data_pipeline import DatasetConfig
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
+from gqa_flax.training.partitioning import Partitioner
+from gqa_flax.training.predictor import Predictor
 
 PredictBatchFn = Callable[[np.ndarray], np.ndarray]
 TaskMetrics = Dict[str, Dict[str, float]]
@@ -52,21 +58,15 @@ def predict_dataset(predict_batch: PredictBatchFn, ds: tf.data.Dataset, batch_si
   return results
 
 
-def greedy_predict_fn(model: EncoderDecoderModel, params: Any, max_decode_length: int
-                      ) -> PredictBatchFn:
-  """T5X's predict_batch: greedy tokens [batch, max_decode_length]."""
-  return lambda inputs: model.predict_batch(params, inputs, max_decode_length)
-
-
 class PredictionsLogger(seqio.Logger):
   """seqio logger writing `output_dir/{task}-predictions.jsonl`: one line per example with its
   'inputs' text, postprocessed 'targets' and 'prediction'."""
 
   def __call__(self, task_name, step, metrics, dataset, inferences, targets) -> None:
     del step, metrics
-    path = os.path.join(self.output_dir, f"{task_name}-predictions.jsonl")
+    path = epath.Path(self.output_dir) / f"{task_name}-predictions.jsonl"
     examples = dataset.as_numpy_iterator()
-    with open(path, "w") as f:
+    with path.open("w") as f:
       for example, target, prediction in zip(examples, targets, inferences["prediction"]):
         f.write(json.dumps({"inputs": _text(example.get("inputs_pretokenized", b"")),
                             "targets": _jsonable(target), "prediction": _jsonable(prediction)})
@@ -102,6 +102,7 @@ class InferenceEvaluator:
     lengths = dict(dataset_cfg.task_feature_lengths)
     self.batch_size = dataset_cfg.batch_size
     self.max_decode_length = lengths["targets"]
+    log_dir = log_dir if pod.is_writer() else None
     self._evaluator = seqio.Evaluator(
         mixture_or_task_name=task.name, feature_converter=seqio.EncDecFeatureConverter(pack=False),
         eval_split=dataset_cfg.split, use_cached=dataset_cfg.use_cached, seed=dataset_cfg.seed,
@@ -121,10 +122,11 @@ class InferenceEvaluator:
     return {name: sum(1 for _ in ds)
             for name, ds in self._evaluator.cached_task_datasets.items()}
 
-  def evaluate(self, model: EncoderDecoderModel, params: Any, step: Optional[int] = None,
+  def evaluate(self, predictor: Optional[Predictor], step: Optional[int] = None,
                predict_batch: Optional[PredictBatchFn] = None) -> TaskMetrics:
-    """{task: {metric: value}}; greedy decoding unless `predict_batch` is given."""
-    predict_batch = predict_batch or greedy_predict_fn(model, params, self.max_decode_length)
+    """{task: {metric: value}}; greedy decoding by `predictor` unless `predict_batch` is given."""
+    predict_batch = predict_batch or functools.partial(
+        predictor.predict, max_decode_length=self.max_decode_length)
     metrics, _ = self._evaluator.evaluate(
         compute_metrics=True, step=step,
         predict_fn=lambda ds, *_: predict_dataset(predict_batch, ds, self.batch_size))
@@ -149,30 +151,23 @@ METRICS_FILE = "metrics.json"
 
 def check_checkpoint_path(checkpoint_path: Optional[str]) -> None:
   """Fails early, naming the fix, when CHECKPOINT_PATH is unset or missing."""
-  if not checkpoint_path or not os.path.exists(checkpoint_path):
+  if not checkpoint_path or not epath.Path(checkpoint_path).exists():
     raise FileNotFoundError(f"CHECKPOINT_PATH {checkpoint_path!r} does not exist; pass "
                             "--gin.CHECKPOINT_PATH=\"/model_dir/checkpoint_<step>\"")
 
 
-def restore_model(checkpoint_path: str, model: Optional[EncoderDecoderModel] = None
-                  ) -> Tuple[EncoderDecoderModel, dict, Optional[int]]:
-  """(model, params on device, step) of the checkpoint at `checkpoint_path` (any format).
-
-  The checkpoint's stored config wins; `model`'s config is used for a checkpoint that stores
-  none (T5X legacy), where the reader otherwise infers it from the parameter shapes.
-  """
+def restore_predictor(checkpoint_path: str, model: Optional[EncoderDecoderModel] = None,
+                      partitioner: Optional[Partitioner] = None, dtype: Optional[str] = None
+                      ) -> Tuple[Predictor, Optional[int]]:
+  """(predictor, step) of the checkpoint at `checkpoint_path` (any format), on the mesh."""
   check_checkpoint_path(checkpoint_path)
-  loaded = checkpoints.load_checkpoint(checkpoint_path)
-  config: T5Config = loaded.config
-  if model is not None and checkpoints.open_checkpoint(checkpoint_path).format == "t5x_legacy":
-    config = model.config
-  model = EncoderDecoderModel(config) if model is None else \
-      EncoderDecoderModel(config, model.z_loss, model.label_smoothing,
-                          model.loss_normalizing_factor)
-  logging.info("restored %s (step %s): %d encoder / %d decoder layers, %d heads, %d kv heads",
-               checkpoint_path, loaded.step, config.num_encoder_layers,
-               config.num_decoder_layers, config.num_heads, config.num_kv_heads or config.num_heads)
-  return model, jax.device_put(loaded.params), loaded.step
+  predictor, step = Predictor.restore(checkpoint_path, partitioner, model, dtype)
+  config = predictor.model.config
+  logging.info("restored %s (step %s): %d encoder / %d decoder layers, %d heads, %d kv heads, "
+               "mesh %s", checkpoint_path, step, config.num_encoder_layers,
+               config.num_decoder_layers, config.num_heads, config.num_kv_heads or config.num_heads,
+               dict(predictor.partitioner.mesh.shape))
+  return predictor, step
 
 
 def _summary(task: str, split: str, count: int, step: Optional[int],
@@ -184,23 +179,32 @@ def _summary(task: str, split: str, count: int, step: Optional[int],
 @gin.configurable
 def evaluate(*, dataset_cfg: DatasetConfig, checkpoint_path: str, output_dir: str,
              num_examples: Optional[int] = None,
-             model: Optional[EncoderDecoderModel] = None) -> TaskMetrics:
+             model: Optional[EncoderDecoderModel] = None,
+             partitioner: Optional[Partitioner] = None,
+             dtype: Optional[str] = None) -> TaskMetrics:
   """Scores the checkpoint on the first `num_examples` (None: all) examples of the split;
-  writes metrics.json and the predictions files to `output_dir`; returns {task: {metric: v}}."""
+  writes metrics.json and the predictions files to `output_dir`; returns {task: {metric: v}}.
+
+  partitioner: the mesh to decode on (default: all devices, no model parallelism); dtype: the
+  params' dtype on device (default: the model's activation dtype)."""
   check_checkpoint_path(checkpoint_path)
   if not output_dir:
     raise ValueError("EVAL_OUTPUT_DIR is not set; pass --gin.EVAL_OUTPUT_DIR=\"/path\"")
-  os.makedirs(output_dir, exist_ok=True)
+  output = epath.Path(output_dir)
+  if pod.is_writer():
+    output.mkdir(parents=True, exist_ok=True)
+  pod.barrier("evaluate/output_dir")
   evaluator = InferenceEvaluator(dataset_cfg, num_examples, log_dir=output_dir)
-  model, params, step = restore_model(checkpoint_path, model)
+  predictor, step = restore_predictor(checkpoint_path, model, partitioner, dtype)
   counts = evaluator.num_examples()
   logging.info("decoding %s with batch size %d", counts, evaluator.batch_size)
-  metrics = evaluator.evaluate(model, params, step)
-  with open(os.path.join(output_dir, METRICS_FILE), "w") as f:
-    json.dump({"checkpoint_path": checkpoint_path, "step": step, "split": dataset_cfg.split,
-               "num_examples": counts, "metrics": metrics}, f, indent=2)
-  with open(os.path.join(output_dir, "config.gin"), "w") as f:
-    f.write(gin.config_str())
+  metrics = evaluator.evaluate(predictor, step)
+  if pod.is_writer():
+    (output / METRICS_FILE).write_text(json.dumps(
+        {"checkpoint_path": checkpoint_path, "step": step, "split": dataset_cfg.split,
+         "num_examples": counts, "metrics": metrics}, indent=2))
+    (output / "config.gin").write_text(gin.config_str())
+  pod.barrier("evaluate/written")
   for task, task_metrics in metrics.items():
     logging.info("%s", _summary(task, dataset_cfg.split, counts[task], step, task_metrics))
   return metrics

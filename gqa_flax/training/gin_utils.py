@@ -1,5 +1,6 @@
 """T5X's gin command line: --gin_file (repeatable), --gin_bindings, --gin.NAME=VALUE,
---gin_search_paths (the repo's configs/ always searched), --tfds_data_dir."""
+--gin_search_paths (the repo's configs/ always searched), --tfds_data_dir, and the multi-process
+flags --multiprocess_gpu, --coordinator_address, --process_count, --process_index."""
 import importlib.util  # gin 0.5.0 uses importlib.util without importing it
 import os
 import sys
@@ -12,6 +13,8 @@ from gin import config as gin_config
 from gin import resource_reader
 import seqio
 
+from gqa_flax import pod
+
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
 
@@ -21,6 +24,12 @@ flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'MODEL_DIR=\"/
 flags.DEFINE_list("gin_search_paths", [], f"Directories searched for gin files; {CONFIGS_DIR} "
                   "is always searched last.")
 flags.DEFINE_string("tfds_data_dir", None, "Overrides the TFDS data directory of seqio tasks.")
+flags.DEFINE_bool("multiprocess_gpu", False, "Join a GPU/CPU cluster (jax.distributed) with "
+                  "--coordinator_address, --process_count and --process_index; on the CPU backend "
+                  "a CPU pod with gloo collectives. TPU VMs join without flags.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator.")
+flags.DEFINE_integer("process_count", None, "Number of processes of the multi-process run.")
+flags.DEFINE_integer("process_index", None, "Index of this process in the multi-process run.")
 FLAGS = flags.FLAGS
 
 _MACRO_BINDING = re.compile(r"\s*([A-Z][A-Z0-9_]*)\s*=")
@@ -75,6 +84,8 @@ def run(main: Callable[[], None]) -> None:
   def wrapped(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --gin.NAME=VALUE")
+    pod.initialize(FLAGS.multiprocess_gpu, FLAGS.coordinator_address, FLAGS.process_count,
+                   FLAGS.process_index)
     if FLAGS.tfds_data_dir:
       seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
     parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)

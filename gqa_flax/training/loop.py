@@ -18,11 +18,13 @@ import gin
 import jax
 import optax
 
+from gqa_flax import pod
 from gqa_flax.training import checkpointing, data_pipeline, evaluation, trainer
 from gqa_flax.training.adafactor import adafactor
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 from gqa_flax.training.metrics_writer import MetricsWriter
 from gqa_flax.training.partitioning import Partitioner
+from gqa_flax.training.predictor import Predictor
 
 
 def _input_shapes(cfg: data_pipeline.DatasetConfig) -> Dict[str, tuple]:
@@ -44,17 +46,25 @@ def _check_finite(pending: list, checkpointer: checkpointing.Checkpointer) -> No
 
 def evaluate_loss(model: EncoderDecoderModel, params: Any, partitioner: Partitioner,
                   cfg: data_pipeline.DatasetConfig, eval_steps: int) -> Dict[str, float]:
-  """Teacher-forced metrics averaged over `eval_steps` batches of `cfg` (T5X's train_eval)."""
+  """Teacher-forced metrics of the first `eval_steps` batches of one epoch of `cfg` (T5X's
+  train_eval), weighted by each batch's target tokens; `num_target_tokens` is their sum.
+
+  Every host runs exactly `eval_steps` steps: a shard with fewer batches is padded with
+  all-zero batches, which carry no target tokens and so count for nothing.
+  """
   eval_step = jax.jit(trainer.make_eval_step(model))
-  ds = data_pipeline.get_dataset(cfg, partitioner.shard_info(), num_epochs=1)
+  ds = data_pipeline.get_dataset(cfg, partitioner.data_layout(cfg.batch_size), num_epochs=1,
+                                 pad_to=eval_steps)
   totals: Dict[str, float] = {}
-  batches = 0
-  for batch in data_pipeline.as_numpy(ds.take(eval_steps)):
-    metrics = jax.device_get(eval_step(params, partitioner.global_batch(batch)))
+  for batch in data_pipeline.as_numpy(ds):
+    metrics = jax.device_get(eval_step(params, partitioner.global_batch(batch, cfg.batch_size)))
+    tokens = float(metrics["num_target_tokens"])
     for name, value in metrics.items():
-      totals[name] = totals.get(name, 0.0) + float(value)
-    batches += 1
-  return {name: value / max(batches, 1) for name, value in totals.items()}
+      weight = 1.0 if name == "num_target_tokens" else tokens
+      totals[name] = totals.get(name, 0.0) + weight * float(value)
+  tokens = max(totals.get("num_target_tokens", 0.0), 1.0)
+  return {name: value if name == "num_target_tokens" else value / tokens
+          for name, value in totals.items()}
 
 
 @gin.configurable
@@ -85,9 +95,11 @@ def train(*, model: EncoderDecoderModel, train_dataset_cfg: data_pipeline.Datase
   train_dataset_cfg.task()
   inference_evaluator = None if infer_eval_dataset_cfg is None else \
       evaluation.InferenceEvaluator(infer_eval_dataset_cfg, infer_eval_num_examples)
-  os.makedirs(model_dir, exist_ok=True)
-  with open(os.path.join(model_dir, "config.gin"), "w") as f:
-    f.write(gin.config_str())
+  layout = partitioner.data_layout(train_dataset_cfg.batch_size)
+  if pod.is_writer():
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.config_str())
 
   input_shapes = _input_shapes(train_dataset_cfg)
   boxed = trainer.abstract_params(model, input_shapes)
@@ -110,12 +122,13 @@ def train(*, model: EncoderDecoderModel, train_dataset_cfg: data_pipeline.Datase
       partitioner, trainer.make_train_step(model, optimizer, learning_rate_fn, random_seed),
       shardings)
   batches = data_pipeline.as_numpy(data_pipeline.get_dataset(
-      train_dataset_cfg, partitioner.shard_info(), batches_consumed=batches_consumed))
-  writer = MetricsWriter(model_dir, start_step, total_steps)
+      train_dataset_cfg, layout, batches_consumed=batches_consumed))
+  writer = MetricsWriter(model_dir, start_step, total_steps, enabled=pod.is_writer())
   pending, tokens, metrics = [], 0.0, None
   try:
     for step in range(start_step + 1, total_steps + 1):
-      state, metrics = train_step(state, partitioner.global_batch(next(batches)))
+      batch = partitioner.global_batch(next(batches), train_dataset_cfg.batch_size)
+      state, metrics = train_step(state, batch)
       batches_consumed += 1
       pending.append((step, metrics["loss"]))
       tokens += train_dataset_cfg.batch_size * train_dataset_cfg.task_feature_lengths["targets"]
@@ -133,7 +146,8 @@ def train(*, model: EncoderDecoderModel, train_dataset_cfg: data_pipeline.Datase
             model, state.params, partitioner, train_eval_dataset_cfg, eval_steps).items()}
         writer.write(step, eval_metrics)
       if inference_evaluator is not None and (final or checkpointer.manager.should_save(step)):
-        scores = evaluation.flat_metric_names(inference_evaluator.evaluate(model, state.params, step))
+        scores = evaluation.flat_metric_names(inference_evaluator.evaluate(
+            Predictor(model, state.params, partitioner), step))
         writer.write(step, scores)
         eval_metrics = {**(eval_metrics or {}), **scores}
       checkpointer.save(state, model.config, batches_consumed, metrics=eval_metrics, force=final)

@@ -1,4 +1,8 @@
-"""Training metrics to the log, TensorBoard (tf.summary) and MODEL_DIR/metrics.jsonl."""
+"""Training metrics to the log, TensorBoard (tf.summary) and MODEL_DIR/metrics.jsonl.
+
+On a pod only one host writes (`enabled`, the writer); the others compute the same numbers
+and write nothing.
+"""
 import json
 import logging
 import os
@@ -15,14 +19,18 @@ _SCALAR_METADATA = tf.compat.v1.SummaryMetadata(
 class MetricsWriter:
   """Writes scalars per step; `log_progress` prints step, loss, LR, tokens/s and ETA."""
 
-  def __init__(self, model_dir: str, start_step: int, total_steps: int):
-    self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")
-    self._summary = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+  def __init__(self, model_dir: str, start_step: int, total_steps: int, enabled: bool = True):
+    self._enabled = enabled
+    if enabled:
+      self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")
+      self._summary = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
     self._start_step, self._total_steps = start_step, total_steps
     self._start_time = self._last_time = time.time()
     self._last_step, self._tokens = start_step, 0.0
 
   def write(self, step: int, scalars: Dict[str, float]) -> None:
+    if not self._enabled:
+      return
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self._jsonl.flush()
     with self._summary.as_default(step=step):
@@ -36,11 +44,14 @@ class MetricsWriter:
     tokens_per_s = tokens / max(now - self._last_time, 1e-9)
     steps_per_s = (step - self._start_step) / max(now - self._start_time, 1e-9)
     eta = (self._total_steps - step) / max(steps_per_s, 1e-9)
-    logging.info("step %d/%d  loss %.4f  lr %.3g  %.0f tokens/s  ETA %s", step, self._total_steps,
-                 loss, learning_rate, tokens_per_s, time.strftime("%H:%M:%S", time.gmtime(eta)))
+    if self._enabled:
+      logging.info("step %d/%d  loss %.4f  lr %.3g  %.0f tokens/s  ETA %s", step, self._total_steps,
+                   loss, learning_rate, tokens_per_s, time.strftime("%H:%M:%S", time.gmtime(eta)))
     self._last_time, self._last_step = now, step
     return {"tokens_per_second": tokens_per_s, "steps_per_second": steps_per_s}
 
   def close(self) -> None:
+    if not self._enabled:
+      return
     self._jsonl.close()
     self._summary.close()

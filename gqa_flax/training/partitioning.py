@@ -1,16 +1,23 @@
-"""Mesh, logical-axis rules and NamedShardings, like T5X's `partitioning.PjitPartitioner`.
+"""Mesh, logical-axis rules, NamedShardings and the data layout, like T5X's `PjitPartitioner`.
 
-The mesh has two axes: 'data' (batch) and 'model' (of size `num_partitions`). Parameters carry
-T5X's logical axis names; `standard_logical_axis_rules` maps them to mesh axes. A parameter
-dimension that the mesh axis does not divide -- the K/V kernels' joined_kv = kv_heads*head_dim
-when kv_heads is smaller than the model axis, e.g. MQA -- is replicated instead (logged once per
-parameter), so MQA/GQA run on any model-parallel size.
+The mesh has two axes: 'data' (batch) and 'model' (of size `num_partitions`), laid out over the
+physical topology by `jax.experimental.mesh_utils`. Parameters carry T5X's logical axis names;
+`standard_logical_axis_rules` maps them to mesh axes. A parameter dimension that the mesh axis
+does not divide -- the K/V kernels' joined_kv = kv_heads*head_dim when kv_heads is smaller
+than the model axis, e.g. MQA -- is replicated instead (logged once per parameter), so MQA/GQA
+run on any model-parallel size.
 
-Multi-host: `initialize_distributed` joins the hosts (jax.distributed.initialize), each host
-reads its own slice of the data (`shard_info`, `seqio.ShardInfo`) and `global_batch` assembles
-the per-host slices into one array sharded over 'data'.
+Data layout (`data_layout`): the global batch is split into `data_parallel_size` slabs, one per
+row of the mesh's 'data' axis, and slab r is read from data shard r of that many
+(`seqio.ShardInfo(r, data_parallel_size)`). A host reads the shards of the rows its devices
+hold, so hosts that share rows (the model axis spanning hosts) read identical data, and the
+example stream depends on the mesh, not on how many hosts there are: a pod and one process
+with as many devices see the same global batches. (T5X reads one shard per host; where each
+host holds one row, the two layouts are the same.) `global_batch` assembles a host's slabs
+into one array of the configured global shape, sharded over 'data'.
 """
 import dataclasses
+import functools
 import logging
 from typing import Any, Optional, Sequence, Tuple
 
@@ -20,6 +27,7 @@ import jax
 import numpy as np
 import optax
 import seqio
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gqa_flax.training.adafactor import factored_dims
@@ -34,12 +42,25 @@ def standard_logical_axis_rules() -> LogicalRules:
           ("length", None))
 
 
-@gin.configurable
-def initialize_distributed(coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
-  """Joins a multi-host run (TPU pods auto-detect; GPUs/CPUs pass the three arguments)."""
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+@dataclasses.dataclass(frozen=True)
+class DataLayout:
+  """This host's part of the global batch (T5X's DataLayout, by mesh row; module docstring).
+
+  batch_size: the global batch; num_shards: the data shards (= data_parallel_size);
+  shard_ids: the shards (mesh rows) this host reads, ascending; is_first_host_in_replica_set:
+  whether this host is the first of those reading the same rows.
+  """
+  batch_size: int
+  num_shards: int
+  shard_ids: Tuple[int, ...]
+  is_first_host_in_replica_set: bool
+
+  @property
+  def per_shard_batch_size(self) -> int:
+    return self.batch_size // self.num_shards
+
+  def shard_infos(self) -> Tuple[seqio.ShardInfo, ...]:
+    return tuple(seqio.ShardInfo(index=i, num_shards=self.num_shards) for i in self.shard_ids)
 
 
 @gin.configurable
@@ -56,18 +77,28 @@ class Partitioner:
       raise ValueError(f"num_partitions={self.num_partitions} must divide the {devices} devices; "
                        "set Partitioner.num_partitions to a divisor")
 
-  @property
+  @functools.cached_property
   def mesh(self) -> Mesh:
-    devices = np.asarray(jax.devices()).reshape(self.data_parallel_size, self.num_partitions)
+    devices = mesh_utils.create_device_mesh((self.data_parallel_size, self.num_partitions),
+                                            allow_split_physical_axes=True)
     return Mesh(devices, ("data", "model"))
 
   @property
   def data_parallel_size(self) -> int:
     return jax.device_count() // self.num_partitions
 
-  def shard_info(self) -> seqio.ShardInfo:
-    """This host's slice of the data."""
-    return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+  def data_layout(self, batch_size: int) -> DataLayout:
+    """The rows of the 'data' axis this host's devices hold (contiguous), as data shards."""
+    self.check_batch_size(batch_size)
+    rows_of = lambda process: tuple(sorted({
+        row for row, devices in enumerate(self.mesh.devices)
+        for device in devices if device.process_index == process}))
+    rows = rows_of(jax.process_index())
+    if rows != tuple(range(rows[0], rows[-1] + 1)):
+      raise ValueError(f"process {jax.process_index()} holds mesh rows {rows}, which are not "
+                       "contiguous; use a num_partitions whose model groups do not interleave hosts")
+    first = min(p for p in range(jax.process_count()) if rows_of(p) == rows)
+    return DataLayout(batch_size, self.data_parallel_size, rows, first == jax.process_index())
 
   def check_batch_size(self, batch_size: int) -> None:
     if batch_size % self.data_parallel_size:
@@ -81,11 +112,27 @@ class Partitioner:
   def batch_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec("data"))
 
-  def global_batch(self, local_batch: dict) -> dict:
-    """This host's numpy batch slice -> global arrays sharded over 'data'."""
+  def global_batch(self, local_batch: dict, batch_size: int) -> dict:
+    """This host's slabs (numpy [rows held * batch_size / data_parallel_size, ...]) -> global
+    arrays [batch_size, ...] sharded over 'data'."""
     sharding = self.batch_sharding()
-    return {name: jax.make_array_from_process_local_data(sharding, value)
-            for name, value in local_batch.items()}
+    return {name: jax.make_array_from_process_local_data(
+        sharding, value, (batch_size,) + value.shape[1:]) for name, value in local_batch.items()}
+
+  def cache_shardings(self, cache: Any) -> Any:
+    """NamedShardings of a decode cache (arrays or ShapeDtypeStructs): K/V caches
+    [batch, kv_heads, length, head_dim] (MQA's self-attention cache has no kv_heads axis)
+    with the batch over 'data' and kv_heads over 'model' where the model axis divides them;
+    with fewer K/V heads than the model axis (MQA; GQA-4 on 8) the K/V are replicated over
+    'model', like their kernels. cache_index is replicated."""
+    def sharding(leaf):
+      if leaf.ndim not in (3, 4):
+        return self.replicated()
+      spec = ["data"] + [None] * (leaf.ndim - 1)
+      if leaf.ndim == 4 and leaf.shape[1] % self.num_partitions == 0:
+        spec[1] = "model"
+      return NamedSharding(self.mesh, self._divisible((), PartitionSpec(*spec), leaf.shape))
+    return jax.tree.map(sharding, cache)
 
   def param_shardings(self, boxed_params: Any) -> Any:
     """`init`'s LogicallyPartitioned tree (arrays or ShapeDtypeStructs) -> NamedShardings."""
