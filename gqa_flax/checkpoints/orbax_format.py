@@ -15,7 +15,10 @@ drops them one at a time, row block by row block, inside Orbax's own serializati
 files are what Orbax writes for numpy arrays (type 'np.ndarray'; arrays above BLOCK_BYTES
 are chunked in bands of whole rows) and any Orbax restore reads them.
 Reading streams too: `open_orbax` lists arrays from the checkpoint's metadata and reads each
-with a partial restore of that one leaf.
+with a partial restore of that one leaf; `restore_sharded` restores them straight into
+shardings (each process reads the shards its devices hold). Directories may be local or
+`gs://` URLs (Orbax and TensorStore take them as they are; see `paths`); a step counts once
+Orbax has finalized it (renamed from its temporary name, or on GCS, its commit_success.txt).
 """
 import os
 import re
@@ -25,8 +28,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
 
+from gqa_flax.checkpoints import paths
 from gqa_flax.checkpoints.arrays import LazyArray, flatten, unflatten
 from gqa_flax.models.config import T5Config, config_from_dict, config_to_dict
 
@@ -76,7 +81,7 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 
 def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(step_prefix=STEP_PREFIX),
+      paths.absolute(directory), options=ocp.CheckpointManagerOptions(step_prefix=STEP_PREFIX),
       item_handlers={STATE_ITEM: _state_handler(), CONFIG_ITEM: ocp.JsonCheckpointHandler(),
                      METADATA_ITEM: ocp.JsonCheckpointHandler()})
 
@@ -93,24 +98,22 @@ def save(directory: str, step: int, params: Dict[str, Any], config: T5Config,
     manager.wait_until_finished()
 
 
-def _is_step_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, STATE_ITEM, "_METADATA"))
+def is_step_dir(path: str) -> bool:
+  """Whether `path` is a finalized Orbax step directory with a `state` item."""
+  return epath.Path(path, STATE_ITEM, "_METADATA").is_file() and ocp.step.is_path_finalized(path)
 
 
 def step_dir(path: str) -> Optional[str]:
   """The step directory of an Orbax checkpoint at `path` (MODEL_DIR: latest step), or None."""
-  if _is_step_dir(path):
+  if is_step_dir(path):
     return path
-  if not os.path.isdir(path) or not any(
-      _is_step_dir(os.path.join(path, name)) for name in os.listdir(path)):
-    return None
-  with checkpoint_manager(path) as manager:
-    step = manager.latest_step()
-  return None if step is None else os.path.join(path, f"{STEP_PREFIX}_{step}")
+  steps = paths.step_dirs(path)
+  return next((steps[step] for step in sorted(steps, reverse=True) if is_step_dir(steps[step])),
+              None)
 
 
 def _read_json(directory: str) -> Optional[dict]:
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     return None
   return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(directory)
 
@@ -134,7 +137,7 @@ def _leaf_reader(state_dir: str, name: str, metadata) -> LazyArray:
 
 def open_orbax(path: str) -> Tuple[Optional[T5Config], Dict[str, LazyArray], int, Optional[dict]]:
   """(config or None for T5X's, {name: LazyArray}, step, metadata) of an Orbax checkpoint."""
-  directory = os.path.abspath(step_dir(path))  # Orbax needs absolute paths.
+  directory = paths.absolute(step_dir(path))  # Orbax needs absolute paths.
   state_dir = os.path.join(directory, STATE_ITEM)
   tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
   if PARAMS_KEY not in tree:
@@ -142,6 +145,22 @@ def open_orbax(path: str) -> Tuple[Optional[T5Config], Dict[str, LazyArray], int
   arrays = {name: _leaf_reader(state_dir, name, leaf)
             for name, leaf in flatten(tree[PARAMS_KEY]).items()}
   config = _read_json(os.path.join(directory, CONFIG_ITEM))
-  step = int(re.search(r"(\d+)$", os.path.basename(os.path.normpath(directory))).group(1))
+  step = int(re.search(r"(\d+)$", os.path.basename(directory)).group(1))
   return (None if config is None else config_from_dict(config), arrays, step,
           _read_json(os.path.join(directory, METADATA_ITEM)))
+
+
+def restore_sharded(path: str, abstract: Dict[str, jax.ShapeDtypeStruct]) -> Dict[str, jax.Array]:
+  """{name: global jax.Array} of the parameters `abstract` names, in its shardings and dtypes.
+
+  abstract: {'/'-joined parameter name: ShapeDtypeStruct with a sharding}. Orbax reads each
+  array's shards for this process's devices only and casts them while reading.
+  """
+  keys = {name: f"{PARAMS_KEY}/{name}" for name in abstract}
+  args = {keys[name]: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                           dtype=leaf.dtype) for name, leaf in abstract.items()}
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(paths.absolute(step_dir(path)), STATE_ITEM),
+      args=ocp.args.PyTreeRestore(item=unflatten({keys[n]: a for n, a in abstract.items()}),
+                                  restore_args=unflatten(args), partial_restore=True))
+  return flatten(restored[PARAMS_KEY])

@@ -6,10 +6,12 @@ TensorStore spec `{'driver': 'zarr', 'kvstore': {'driver': 'file'|'gfile'|'gcs',
 'metadata': {...}, 'dtype'}` whose data lives in a zarr directory next to the msgpack file,
 named by the array's path with '.' (`target.decoder.layers_0.self_attention.key.kernel/`). The
 zarr directories carry no `.zarray`, so they are opened with the spec's metadata. Paths are
-resolved against the checkpoint directory (`gs://` paths and the `gcs` driver too: a public
-checkpoint copied to local disk is read from there). Arrays are read only when asked for, and
-can be read in row blocks: an array stored as one gzip chunk (as `write_t5x_legacy` writes
-them) is inflated piecewise into each block; others are read with TensorStore partial reads.
+resolved against the checkpoint directory, wherever the spec says the array was written
+(`gs://` paths and the `gcs` driver too: a public checkpoint copied elsewhere is read from its
+copy); the checkpoint itself may be local or at a URL (`gs://`, see `paths`). Arrays are read
+only when asked for, in row blocks or any slice: an array stored as one gzip chunk (as
+`write_t5x_legacy` writes them) is inflated piecewise into each block; others are read with
+TensorStore partial reads.
 """
 import dataclasses
 import os
@@ -18,8 +20,10 @@ from typing import Any, BinaryIO, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import tensorstore as ts
+from etils import epath
 from flax import serialization
 
+from gqa_flax.checkpoints import paths
 from gqa_flax.checkpoints.arrays import LazyArray, flatten, in_memory, unflatten
 
 CHECKPOINT_FILE = "checkpoint"
@@ -28,10 +32,10 @@ _READ_BYTES = 2**20  # Compressed bytes read, and bytes inflated, per step of a 
 
 def msgpack_file(path: str) -> Optional[str]:
   """The msgpack file of a legacy T5X checkpoint at `path` (its directory or the file), or None."""
-  filename = os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
-  if not os.path.isfile(filename):
+  filename = os.path.join(path, CHECKPOINT_FILE) if epath.Path(path).is_dir() else path
+  if not epath.Path(filename).is_file():
     return None
-  with open(filename, "rb") as f:
+  with epath.Path(filename).open("rb") as f:
     head = f.read(64)
   return filename if head[:1] in (b"\x81", b"\x82", b"\x83") and b"optimizer" in head else None
 
@@ -40,19 +44,19 @@ def _is_tensorstore_spec(value: Any) -> bool:
   return isinstance(value, dict) and value.get("driver") in ("zarr", "zarr3", "n5")
 
 
-def _local_path(kvstore: Dict[str, Any], checkpoint_dir: str) -> str:
-  """Where the array's files are on this machine: relative paths join the checkpoint dir."""
+def _array_path(kvstore: Dict[str, Any], checkpoint_dir: str) -> str:
+  """Where the array's files are: relative paths join the checkpoint dir."""
   path = kvstore.get("path", "")
-  if kvstore["driver"] in ("file", "gfile") and not path.startswith("gs://"):
+  if kvstore["driver"] in ("file", "gfile") and not paths.is_url(path):
     if not os.path.isabs(path):
       return os.path.join(checkpoint_dir, path)
-    if os.path.exists(path):
+    if not paths.is_url(checkpoint_dir) and os.path.exists(path):
       return path
-  return os.path.join(checkpoint_dir, os.path.basename(path.rstrip("/")))  # Copied from GCS.
+  return os.path.join(checkpoint_dir, os.path.basename(path.rstrip("/")))  # A copy.
 
 
-def _single_gzip_chunk(spec: Dict[str, Any]) -> Optional[str]:
-  """The file of a zarr array stored as one gzip-compressed C-order chunk, else None."""
+def _single_gzip_chunk(spec: Dict[str, Any], directory: str) -> Optional[str]:
+  """The file of a zarr array (in `directory`) stored as one gzip C-order chunk, else None."""
   metadata = spec["metadata"]
   shape = list(metadata["shape"])
   if (spec["driver"] != "zarr" or not shape or metadata.get("chunks") != shape
@@ -60,8 +64,8 @@ def _single_gzip_chunk(spec: Dict[str, Any]) -> Optional[str]:
       or (metadata.get("compressor") or {}).get("id") != "gzip"):
     return None
   key = metadata.get("dimension_separator", ".").join("0" * len(shape))
-  filename = os.path.join(spec["kvstore"]["path"], key)
-  return filename if os.path.isfile(filename) else None
+  filename = os.path.join(directory, key)
+  return filename if epath.Path(filename).is_file() else None
 
 
 def _gunzip_into(out: np.ndarray, f: BinaryIO, decompressor) -> None:
@@ -80,7 +84,7 @@ def _gunzip_blocks(filename: str, shape: Tuple[int, ...], dtype: np.dtype,
                    rows: int) -> Iterator[np.ndarray]:
   """[rows, *shape[1:]] blocks of the C-order array gzipped in `filename`, inflated piecewise."""
   decompressor = zlib.decompressobj(zlib.MAX_WBITS | 16)
-  with open(filename, "rb") as f:
+  with epath.Path(filename).open("rb") as f:
     for start in range(0, shape[0], rows):
       block = np.empty((min(rows, shape[0] - start), *shape[1:]), dtype)
       _gunzip_into(block.reshape(-1).view(np.uint8), f, decompressor)
@@ -97,21 +101,23 @@ def _tensorstore_blocks(store: ts.TensorStore, rows: int) -> Iterator[np.ndarray
 
 def _zarr_array(spec: Dict[str, Any], checkpoint_dir: str) -> LazyArray:
   """A LazyArray of a TensorStore array; row blocks stream (gunzipped or partial reads)."""
-  spec = dict(spec, kvstore={"driver": "file", "path": _local_path(spec["kvstore"], checkpoint_dir)})
+  directory = _array_path(spec["kvstore"], checkpoint_dir)
+  spec = dict(spec, kvstore=paths.kvstore(directory))
   shape = tuple(spec["metadata"]["shape"])
   dtype = np.dtype(ts.dtype(spec["dtype"]).numpy_dtype)
 
   def open_store():
-    if not os.path.isdir(spec["kvstore"]["path"]):
-      raise FileNotFoundError(f"TensorStore array directory {spec['kvstore']['path']} is missing")
+    if not epath.Path(directory).is_dir():
+      raise FileNotFoundError(f"TensorStore array directory {directory} is missing")
     return ts.open(spec, open=True, assume_metadata=True).result()
 
-  array = LazyArray(shape, dtype, lambda: open_store().read().result())
+  array = LazyArray(shape, dtype, lambda: open_store().read().result(),
+                    read_slice=lambda index: open_store()[index].read().result())
   if not shape:
     return array
 
   def read_blocks():
-    chunk_file = _single_gzip_chunk(spec)
+    chunk_file = _single_gzip_chunk(spec, directory)
     if chunk_file:
       return _gunzip_blocks(chunk_file, shape, dtype, array.block_rows())
     return _tensorstore_blocks(open_store(), array.block_rows())
@@ -124,9 +130,9 @@ def read_tree(path: str) -> dict:
   filename = msgpack_file(path)
   if filename is None:
     raise ValueError(f"{path} is not a legacy T5X checkpoint (no msgpack file {CHECKPOINT_FILE!r})")
-  with open(filename, "rb") as f:
+  with epath.Path(filename).open("rb") as f:
     tree = serialization.msgpack_restore(f.read())
-  checkpoint_dir = os.path.dirname(os.path.abspath(filename))
+  checkpoint_dir = os.path.dirname(paths.absolute(filename))
 
   def lazy(node):
     if _is_tensorstore_spec(node):
@@ -151,8 +157,9 @@ def write_t5x_legacy(directory: str, params: Dict[str, Any], step: int,
 
   Arrays above `inline_max_bytes` go to gzip zarr directories `target.<name with .>/` (kvstore
   driver 'gfile' with a relative path, as T5X writes); the rest are inline in the msgpack.
+  `directory` may be a URL (`gs://...`).
   """
-  os.makedirs(directory, exist_ok=True)
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
   target = {}
   for name, array in params.items():
     value = array.read() if isinstance(array, LazyArray) else np.asarray(array)
@@ -164,12 +171,12 @@ def write_t5x_legacy(directory: str, params: Dict[str, Any], step: int,
             "kvstore": {"driver": "gfile", "path": path},
             "metadata": {"chunks": list(value.shape), "compressor": {"id": "gzip", "level": 1},
                          "shape": list(value.shape)}}
-    store = ts.open(dict(spec, kvstore={"driver": "file", "path": os.path.join(directory, path)}),
+    store = ts.open(dict(spec, kvstore=paths.kvstore(os.path.join(directory, path))),
                     create=True, delete_existing=True).result()
     store.write(value).result()
     target[name] = spec
     del value, store
   tree = {"version": 3, "optimizer": {"target": unflatten(target),
                                       "state": {"step": np.int32(step), "param_states": {}}}}
-  with open(os.path.join(directory, CHECKPOINT_FILE), "wb") as f:
+  with epath.Path(directory, CHECKPOINT_FILE).open("wb") as f:
     f.write(serialization.msgpack_serialize(tree))

@@ -13,6 +13,11 @@ the T5Config) and `dataset` (JSON: number of batches this run's data iterator ha
   `(regex, replacement)` read `re.sub(regex, replacement, path)` from the checkpoint. Uptraining
   uses `((r'state/param_states.*', None),)`: converted params, fresh Adafactor state and the
   step counter of the checkpoint. The optimizer state is restored or kept fresh as a whole.
+  The checkpoint may be of any format `gqa_flax.checkpoints` reads: Orbax (ours, T5X's), T5X
+  legacy (msgpack + zarr), HF. The last two hold no optimizer state ('target/...' and, for
+  T5X legacy, 'state/step' only), so restoring them needs `state/param_states` kept fresh.
+  Every value is read straight into the fresh state's sharding, each process reading only its
+  devices' shards. MODEL_DIR and the restored checkpoint may be gs:// URLs.
 """
 import dataclasses
 import os
@@ -25,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gqa_flax.checkpoints import orbax_format
-from gqa_flax.checkpoints.arrays import unflatten
+from gqa_flax.checkpoints import orbax_format, paths, reader
+from gqa_flax.checkpoints.arrays import LazyArray, in_memory, unflatten
+from gqa_flax.checkpoints.sharded import read_sharded
 from gqa_flax.models import T5Config, config_to_dict
 from gqa_flax.training.trainer import TrainState
 
@@ -55,7 +61,10 @@ class SaveCheckpointConfig:
 class RestoreCheckpointConfig:
   """T5X's RestoreCheckpointConfig: where to initialise a run that has no checkpoint yet.
 
-  path: a checkpoint step directory (mode='specific') or a MODEL_DIR (mode='latest').
+  path: a checkpoint of any supported format (an Orbax or T5X checkpoint_<step> directory, a
+    T5X msgpack file, a HF directory), or a directory of checkpoint_<step> ones (MODEL_DIR, a
+    T5X run dir), which means its latest step; local or a gs:// URL.
+  mode: T5X's 'specific' or 'latest'; both take either kind of `path`.
   assignment_map: ((regex, None | replacement), ...) over state paths, see module docstring.
   fallback_to_scratch: start from scratch when `path` has no checkpoint instead of failing.
   dtype: dtype of the restored params.
@@ -71,20 +80,16 @@ class RestoreCheckpointConfig:
       raise ValueError(f"RestoreCheckpointConfig.mode={self.mode!r}: use 'specific' or 'latest'")
 
   def checkpoint_dir(self) -> Optional[str]:
-    """The step directory to restore, None for scratch; raises if it must exist and doesn't."""
+    """The checkpoint to restore, None for scratch; raises if it must exist and doesn't."""
     if self.path is None:
       return None
-    directory = orbax_format.step_dir(self.path)
-    if directory is not None and self.mode == "specific" and os.path.normpath(directory) != \
-        os.path.normpath(os.path.abspath(self.path)):
-      directory = None  # 'specific' names a step directory, not a MODEL_DIR
-    if directory is None and not self.fallback_to_scratch:
-      expected = "a checkpoint_<step> directory" if self.mode == "specific" else \
-          "a directory of checkpoint_<step> directories"
+    checkpoint = reader.resolve(self.path)
+    if checkpoint is None and not self.fallback_to_scratch:
       raise FileNotFoundError(
-          f"restore path {self.path} is not {expected} (mode={self.mode!r}); fix "
+          f"restore path {self.path} is not a checkpoint_<step> directory (Orbax, T5X), a T5X "
+          "msgpack file, a HF T5 directory or a directory of checkpoint_<step> ones; fix "
           "INITIAL_CHECKPOINT_PATH / RestoreCheckpointConfig.path, or set fallback_to_scratch=True")
-    return directory
+    return checkpoint
 
 
 def _path(key_path) -> str:
@@ -116,54 +121,90 @@ def _source(path: str, assignment_map) -> Optional[str]:
   return path
 
 
-def restore_from(config: RestoreCheckpointConfig, directory: str, fresh: TrainState) -> TrainState:
-  """`fresh` with the entries `config` selects replaced by those of checkpoint `directory`."""
-  state_dir = os.path.join(directory, orbax_format.STATE_ITEM)
-  available = _flat(ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree)
-  wanted = _flat(checkpoint_tree(fresh))
-  restore_optimizer = _source(_OPTIMIZER_PATH, config.assignment_map) is not None
+def _state_arrays(path: str) -> Dict[str, LazyArray]:
+  """The state paths a T5X legacy or HF checkpoint holds: 'target/...' and 'state/step'."""
+  source = reader.open_checkpoint(path)
+  arrays = {f"{orbax_format.PARAMS_KEY}/{name}": array for name, array in source.arrays.items()}
+  if source.step is not None:
+    arrays["state/step"] = in_memory(np.int32(source.step))
+  return arrays
+
+
+def _restores_optimizer(config: RestoreCheckpointConfig) -> bool:
+  return _source(_OPTIMIZER_PATH, config.assignment_map) is not None
+
+
+def _requests(config: RestoreCheckpointConfig, available: Dict[str, Any], wanted: Dict[str, Any],
+              where: str) -> Dict[str, Tuple[str, Any]]:
+  """{checkpoint path: (state path, fresh leaf)} to read; raises naming missing or mis-shaped."""
   requests, missing = {}, []
   for path, leaf in wanted.items():
-    if path.startswith(_OPTIMIZER_PATH):
-      continue
-    source = _source(path, config.assignment_map)
+    source = None if path.startswith(_OPTIMIZER_PATH) else _source(path, config.assignment_map)
     if source is None:
       continue
     if source not in available:
       missing.append(source)
       continue
     if tuple(available[source].shape) != leaf.shape:
-      raise ValueError(f"{directory}: {source} has shape {tuple(available[source].shape)}, the "
+      raise ValueError(f"{where}: {source} has shape {tuple(available[source].shape)}, the "
                        f"model's {path} is {leaf.shape}; check the model config "
                        "(size, num_kv_heads) against the checkpoint's")
     requests[source] = (path, leaf)
-  if restore_optimizer and not any(p.startswith(_OPTIMIZER_PATH) for p in available):
+  if _restores_optimizer(config) and not any(p.startswith(_OPTIMIZER_PATH) for p in available):
     missing.append(_OPTIMIZER_PATH)
   if missing:
-    raise ValueError(f"{directory} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
+    raise ValueError(f"{where} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
                      "to keep fresh values add e.g. (r'state/param_states.*', None) to "
                      "RestoreCheckpointConfig.assignment_map")
-  dtype = jnp.dtype(config.dtype)
+  return requests
+
+
+def _dtype(dest: str, leaf: Any, params_dtype: jnp.dtype) -> jnp.dtype:
+  return params_dtype if dest.startswith(orbax_format.PARAMS_KEY) else leaf.dtype
+
+
+def _restore_orbax(config: RestoreCheckpointConfig, directory: str, fresh: TrainState):
+  """(values {state path: array}, param_states) read from the Orbax step `directory`."""
+  state_dir = os.path.join(directory, orbax_format.STATE_ITEM)
+  available = _flat(ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree)
+  requests = _requests(config, available, _flat(checkpoint_tree(fresh)), directory)
   items = {src: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
            for src, (_, leaf) in requests.items()}
   args = {src: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
-                                    dtype=dtype if dest.startswith(orbax_format.PARAMS_KEY)
-                                    else leaf.dtype)
+                                    dtype=_dtype(dest, leaf, jnp.dtype(config.dtype)))
           for src, (dest, leaf) in requests.items()}
-  if restore_optimizer:
+  if _restores_optimizer(config):
     optimizer_tree = checkpoint_tree(fresh)["state"]["param_states"]
     items[_OPTIMIZER_PATH] = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), optimizer_tree)
     args[_OPTIMIZER_PATH] = ocp.checkpoint_utils.construct_restore_args(items[_OPTIMIZER_PATH])
-  item_tree = unflatten(items)
   restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=item_tree, restore_args=unflatten(args), partial_restore=True))
+      item=unflatten(items), restore_args=unflatten(args), partial_restore=True))
   restored_flat = _flat(restored)
-  values = {dest: restored_flat[src] for src, (dest, _) in requests.items()}
-  param_states = (restored["state"]["param_states"] if restore_optimizer
+  param_states = (restored["state"]["param_states"] if _restores_optimizer(config)
                   else fresh.param_states)
-  new = {path: values.get(path, leaf) for path, leaf in wanted.items()
-         if not path.startswith(_OPTIMIZER_PATH)}
+  return {dest: restored_flat[src] for src, (dest, _) in requests.items()}, param_states
+
+
+def _restore_arrays(config: RestoreCheckpointConfig, path: str, fresh: TrainState):
+  """(values, fresh param_states) read from a T5X legacy or HF checkpoint, shard by shard."""
+  available = _state_arrays(path)
+  requests = _requests(config, available, _flat(checkpoint_tree(fresh)), path)
+  values = {dest: read_sharded(available[src], leaf.sharding,
+                               _dtype(dest, leaf, jnp.dtype(config.dtype)))
+            for src, (dest, leaf) in requests.items()}
+  return values, fresh.param_states
+
+
+def restore_from(config: RestoreCheckpointConfig, path: str, fresh: TrainState) -> TrainState:
+  """`fresh` with the entries `config` selects replaced by those of checkpoint `path`.
+
+  path: a checkpoint as `RestoreCheckpointConfig.checkpoint_dir` returns it (any format).
+  """
+  restore = _restore_orbax if reader.checkpoint_format(path) == "orbax" else _restore_arrays
+  values, param_states = restore(config, path, fresh)
+  new = {name: values.get(name, leaf) for name, leaf in _flat(checkpoint_tree(fresh)).items()
+         if not name.startswith(_OPTIMIZER_PATH)}
   tree = unflatten(new)
   return TrainState(step=jnp.asarray(tree["state"]["step"], jnp.int32),
                     params=tree[orbax_format.PARAMS_KEY], param_states=param_states)
@@ -181,7 +222,7 @@ class Checkpointer:
         save_interval_steps=save.period, enable_async_checkpointing=True,
         best_fn=None if best is None else (lambda metrics: metrics[best]),
         best_mode=save.metric_mode, keep_checkpoints_without_metrics=True)
-    self.manager = ocp.CheckpointManager(os.path.abspath(model_dir), options=options)
+    self.manager = ocp.CheckpointManager(paths.absolute(model_dir), options=options)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
