@@ -6,7 +6,12 @@
 import argparse
 import sys
 
+import jax
+
+from gqa_flax import pod
 from gqa_flax.checkpoints.convert import DTYPES, METHODS, convert_checkpoint
+
+_POD_WAIT_MS = 24 * 3_600_000  # the other hosts wait up to a day (XXL from gs:// is hours)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,20 +37,39 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                       help="storage dtype of the floating arrays (default: as in SRC)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+  pod.add_flags(parser)
   return parser.parse_args(argv)
 
 
+def _convert(args: argparse.Namespace) -> str:
+  """Converts; returns the summary line, or raises ValueError / OSError."""
+  config = convert_checkpoint(args.src, args.dst, args.num_kv_heads, args.cross_num_kv_heads,
+                              args.method, args.seed, args.dtype, args.overwrite)
+  return (f"wrote {config.attention_name} checkpoint (num_kv_heads={config.num_kv_heads}, "
+          f"cross_num_kv_heads={config.cross_num_kv_heads}) to {args.dst}")
+
+
 def main(argv=None) -> int:
+  """On a pod (every host runs the command) process 0 converts and the others wait for its
+  outcome, so DST is written once and every host exits alike."""
   args = parse_args(argv)
+  outcome = {}
   try:
-    config = convert_checkpoint(args.src, args.dst, args.num_kv_heads, args.cross_num_kv_heads,
-                                args.method, args.seed, args.dtype, args.overwrite)
+    pod.initialize(**pod.flags_of(args))
+    jax.devices()  # every host: starting the backend of a pod is itself a collective step
+    if pod.is_writer():
+      outcome = {"ok": _convert(args)}
   except (ValueError, OSError) as e:
-    message = str(e).splitlines()[0]  # gin appends the configurable's name on a second line.
-    print(f"gqa-convert: error: {message}", file=sys.stderr)
+    # gin appends the configurable's name on a second line.
+    outcome = {"error": str(e).splitlines()[0]}
+  except Exception as e:  # a bug: the other hosts must not wait for ever; then the traceback
+    pod.broadcast("convert/outcome", {"error": f"conversion failed on process 0: {e!r}"})
+    raise
+  outcome = pod.broadcast("convert/outcome", outcome, timeout_ms=_POD_WAIT_MS)
+  if "error" in outcome:
+    print(f"gqa-convert: error: {outcome['error']}", file=sys.stderr)
     return 1
-  print(f"wrote {config.attention_name} checkpoint (num_kv_heads={config.num_kv_heads}, "
-        f"cross_num_kv_heads={config.cross_num_kv_heads}) to {args.dst}")
+  print(outcome["ok"])
   return 0
 
 

@@ -6,6 +6,7 @@ device), and how the params and caches are laid out. Prints one JSON line per ca
 (process 0 only, after checking that every process decoded the same tokens).
 """
 import argparse
+import functools
 import json
 import sys
 
@@ -21,12 +22,13 @@ from gqa_flax.training import predictor
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 from gqa_flax.training.partitioning import Partitioner
 
-BATCH, INPUTS_LEN, DECODE_LEN, BEAMS = 8, 12, 10, 3
+BATCH, INPUTS_LEN, DECODE_LEN, BEAMS = 8, 12, 8, 3
 
 
 def _config(kv_heads):
   return t5_1_1_config("tiny", emb_dim=32, num_heads=8, head_dim=4, mlp_dim=64, vocab_size=128,
-                       num_kv_heads=kv_heads, dtype="float32")
+                       num_encoder_layers=1, num_decoder_layers=1, num_kv_heads=kv_heads,
+                       dtype="float32")
 
 
 def _params(config):
@@ -42,23 +44,32 @@ def _fully_held(array) -> bool:
   return any(shard.data.shape == array.shape for shard in array.addressable_shards)
 
 
+def _inputs(vocab_size):
+  inputs = np.random.default_rng(1).integers(2, vocab_size, (BATCH, INPUTS_LEN))
+  inputs[:, -3:] = 0  # padding
+  return inputs.astype(np.int32)
+
+
+@functools.lru_cache()
+def _single_device(kv_heads: int):
+  """(greedy tokens, best beam's tokens) of the params on one local device."""
+  config = _config(kv_heads)
+  module = EncoderDecoderModel(config).module
+  local = jax.local_devices()[0]
+  params = jax.device_put(_params(config), local)
+  inputs = jax.device_put(_inputs(config.vocab_size), local)
+  return (np.asarray(decoding.greedy_decode(module, params, inputs, DECODE_LEN)),
+          np.asarray(decoding.beam_search(module, params, inputs, DECODE_LEN, BEAMS)[0][:, 0]))
+
+
 def check(kv_heads: int, num_partitions: int) -> dict:
   config = _config(kv_heads)
   model = EncoderDecoderModel(config)
-  params = _params(config)
-  inputs = np.random.default_rng(1).integers(2, config.vocab_size, (BATCH, INPUTS_LEN))
-  inputs[:, -3:] = 0  # padding
-  inputs = inputs.astype(np.int32)
-  partitioned = predictor.from_host_params(model, params, Partitioner(num_partitions))
+  inputs = _inputs(config.vocab_size)
+  partitioned = predictor.from_host_params(model, _params(config), Partitioner(num_partitions))
   greedy = partitioned.predict(inputs, DECODE_LEN)
   beam = partitioned.predict(inputs, DECODE_LEN, beam_size=BEAMS)
-
-  local = jax.local_devices()[0]
-  on_one = jax.device_put(params, local)
-  ref_greedy = np.asarray(decoding.greedy_decode(model.module, on_one, jax.device_put(inputs, local),
-                                                 DECODE_LEN))
-  ref_beam = np.asarray(decoding.beam_search(model.module, on_one, jax.device_put(inputs, local),
-                                             DECODE_LEN, BEAMS)[0][:, 0])
+  ref_greedy, ref_beam = _single_device(kv_heads)
   cache = partitioned.decode_cache(inputs, DECODE_LEN)
   self_key = cache["decoder"]["layers_0"]["self_attention"]["cached_key"]
   cross_key = cache["decoder"]["layers_0"]["encoder_decoder_attention"]["cached_key"]

@@ -1,18 +1,23 @@
 """The paper's jobs on a simulated pod (tests/pod.py: 2 processes x 4 CPU devices, jax.distributed
 on 127.0.0.1, gloo collectives), each checked against the same command in one process with 8
 devices: training (per-step losses, final params, the global batches, metrics written once,
-kill -9 and resume)."""
+kill -9 and resume), partitioned decoding, conversion and evaluation."""
 import json
 import os
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import seqio
 
 from gqa_flax import checkpoints
+from gqa_flax.models import t5_1_1_config
+from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 from tests import pod, training_task
+from tests.test_convert import T5X_TINY
 from tests.test_training import BINDINGS, LENGTHS
 
 BATCH_SIZE = 8  # BINDINGS' BATCH_SIZE
@@ -138,3 +143,54 @@ def test_partitioned_decoding_equals_single_device():
       assert not by_case[case]["cross_cache_fully_held"], case
     # Fewer K/V heads than the model axis: the K/V (kernels, caches) replicated over 'model'.
     assert by_case[(8, 1)]["key_kernel_fully_held"] and by_case[(8, 1)]["self_cache_fully_held"]
+
+
+def test_pod_conversion_writes_dst_once_equal_to_one_process(tmp_path):
+  """gqa-convert on every host: one DST (no temporary siblings left), equal array for array to
+  a single-process conversion of the real T5X legacy fixture; every host reports it."""
+  def argv(dst):
+    return pod.module("gqa_flax.convert", f"--src={T5X_TINY}", f"--dst={dst}",
+                      "--num_kv_heads=2")
+  results = pod.run_pod(argv(tmp_path / "pod"), TIMEOUT)
+  pod.run_single(argv(tmp_path / "single"), TIMEOUT, devices=1)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["pod", "single"]
+  assert all("wrote GQA-2 checkpoint" in r.output for r in results)
+  pod_config, pod_params = checkpoints.load(str(tmp_path / "pod"))
+  single_config, single_params = checkpoints.load(str(tmp_path / "single"))
+  assert pod_config == single_config and pod_config.num_kv_heads == 2
+  flat_pod, flat_single = (dict(ocp.tree.to_flat_dict(p)) for p in (pod_params, single_params))
+  assert flat_pod.keys() == flat_single.keys()
+  for name, value in flat_pod.items():
+    np.testing.assert_array_equal(value, flat_single[name], err_msg=str(name))
+
+
+def test_pod_eval_decodes_each_example_once_and_writes_one_metrics_file(tmp_path):
+  """gqa-eval on the pod (mesh 4 x 2 over both hosts, 13 examples: the last batch of 8 is
+  padded): one predictions file with each example once, and metrics.json equal to one
+  process's."""
+  config = t5_1_1_config("tiny", vocab_size=training_task.VOCAB_SIZE, num_encoder_layers=1,
+                         num_decoder_layers=1, dtype="float32")
+  boxed = EncoderDecoderModel(config).init(jax.random.key(3), {
+      "encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)})
+  params = jax.tree.map(lambda x: np.asarray(x) * 4.0, nn.meta.unbox(boxed))
+  checkpoints.save(str(tmp_path / "ckpt"), 7, params, config)
+
+  def argv(out):
+    return pod.module(
+        "gqa_flax.eval", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH='{tmp_path}/ckpt'",
+        f"--gin.EVAL_OUTPUT_DIR='{out}'", f"--gin.MIXTURE_OR_TASK_NAME='{training_task.TASK_NAME}'",
+        "--gin.MIXTURE_OR_TASK_MODULE='tests.training_task'",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}", "--gin.EVAL_SPLIT='validation'",
+        "--gin.EVAL_MAX_EXAMPLES=13", "--gin.BATCH_SIZE=8", "--gin.NUM_PARTITIONS=2")
+  job = pod.Pod(argv(tmp_path / "pod"))
+  pod.run_single(argv(tmp_path / "single"), TIMEOUT)
+  job.wait(TIMEOUT)
+  read = lambda out, name: (tmp_path / out / name).read_text()
+  pod_metrics, single_metrics = (json.loads(read(out, "metrics.json")) for out in ("pod", "single"))
+  assert pod_metrics["num_examples"] == {training_task.TASK_NAME: 13}
+  assert pod_metrics["metrics"] == single_metrics["metrics"]
+  predictions = f"{training_task.TASK_NAME}-predictions.jsonl"
+  rows = [json.loads(line) for line in read("pod", predictions).splitlines()]
+  assert read("pod", predictions) == read("single", predictions)
+  assert len(rows) == 13 and len({row["inputs"] for row in rows}) == 13
+  assert any(row["prediction"] for row in rows)

@@ -80,8 +80,15 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 
 
 def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
+  """A manager that this process uses alone: on a pod one host writes host-held arrays (the
+  converter's), so Orbax must not wait for the others."""
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                             active_processes={jax.process_index()})
+  directory = paths.absolute(directory)
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)  # Orbax won't, for one process
   return ocp.CheckpointManager(
-      paths.absolute(directory), options=ocp.CheckpointManagerOptions(step_prefix=STEP_PREFIX),
+      directory, options=ocp.CheckpointManagerOptions(
+          step_prefix=STEP_PREFIX, multiprocessing_options=alone, create=False),
       item_handlers={STATE_ITEM: _state_handler(), CONFIG_ITEM: ocp.JsonCheckpointHandler(),
                      METADATA_ITEM: ocp.JsonCheckpointHandler()})
 

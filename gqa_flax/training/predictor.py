@@ -84,8 +84,8 @@ class Predictor:
     config = model.config if model is not None and source.format == "t5x_legacy" else \
         source.config
     dtype = dtype or config.dtype
-    loaded = checkpoints.load_sharded(source, lambda _: param_shardings(partitioner, config),
-                                      dtype)
+    shardings = param_shardings(partitioner, config)
+    loaded = checkpoints.load_sharded(checkpoint_path, lambda _: shardings, dtype)
     model = EncoderDecoderModel(config) if model is None else \
         EncoderDecoderModel(config, model.z_loss, model.label_smoothing,
                             model.loss_normalizing_factor)
