@@ -3,6 +3,7 @@ import collections
 import math
 
 import pytest
+import sacrebleu
 
 from gqa_flax.evaluation import metrics
 
@@ -73,6 +74,22 @@ def test_bleu_is_a_corpus_score_not_a_mean_of_sentence_scores():
   hypotheses = ["the cat sat on the mat", "a dog barked at the postman today"]
   assert metrics.bleu(references, hypotheses)["bleu"] == pytest.approx(
       _reference_bleu(hypotheses, references), abs=1e-6)
+
+
+def test_bleu_without_a_matching_4gram_is_smoothed_exp_on_intl_tokens():
+  references = ["Der Preis stieg um 3,5% auf 1.200 Euro—sagte sie.",
+                "Das Haus (am See) ist klein!"]
+  hypotheses = ["Der Preis fiel um 3,5% und 1.200 Euro—meinte er.",
+                "Ein Haus (am Meer) war klein!"]
+  # The intl tokenizer splits off the em dash, '%' and final punctuation: 13 + 9 hypothesis
+  # tokens, as many reference ones (no brevity penalty). Clipped matches: 9 + 6 of 22 unigrams,
+  # 5 + 3 of 20 bigrams ('Euro —' among them), 2 + 1 of 18 trigrams, none of 16 4-grams;
+  # 'exp' smoothing counts that zero as 1/2 match.
+  expected = 100 * (15 / 22 * 8 / 20 * 3 / 18 * 0.5 / 16)**0.25
+  reference = sacrebleu.corpus_bleu(hypotheses, [references], smooth_method="exp",
+                                    tokenize="intl", use_effective_order=False)
+  assert reference.counts == [15, 8, 3, 0] and reference.score == pytest.approx(expected)
+  assert metrics.bleu(references, hypotheses)["bleu"] == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.parametrize("answer, normalized", [
