@@ -14,6 +14,7 @@ before the loop, into column panels, and each step runs on the hand-written kern
 `cache_shardings` (a function of the cache, e.g. `Partitioner.cache_shardings`) pins the
 cache's layout on a mesh, at creation and in the loop carry; `training.predictor` passes it.
 """
+import contextlib
 import functools
 from typing import Callable, Optional, Tuple
 
@@ -21,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from gqa_flax.kernels import panel_matmul
-from gqa_flax.models import Transformer, layers
+from gqa_flax.kernels import panel_matmul, plugin
+from gqa_flax.models import Transformer
 
 PyTree = dict
 CacheShardings = Optional[Callable[[PyTree], PyTree]]
@@ -81,11 +82,15 @@ def decode_step(model: Transformer, params: PyTree, cache: PyTree, encoded: jax.
 
   With `panels` (`kernel_panels(params)`) the step runs on the CPU kernels."""
   variables = {"params": params, "cache": cache}
-  if panels is not None:
-    variables[layers.KERNEL_PANELS] = panels
-  logits, variables = model.apply(variables, encoded, encoder_input_tokens, tokens[:, None],
-                                  decode=True, max_decode_length=max_decode_length,
-                                  method=Transformer.decode, mutable=["cache"])
+  if panels is None:
+    kernels = contextlib.nullcontext()
+  else:
+    variables[plugin.KERNEL_PANELS] = panels
+    kernels = plugin.on_cpu_kernels()
+  with kernels:
+    logits, variables = model.apply(variables, encoded, encoder_input_tokens, tokens[:, None],
+                                    decode=True, max_decode_length=max_decode_length,
+                                    method=Transformer.decode, mutable=["cache"])
   return logits[:, -1], variables["cache"]
 
 

@@ -6,7 +6,6 @@ call waits for its result (`block_until_ready`). `time_interleaved` times the va
 rounds, one call of each per round, so a shared machine's drift in speed falls on every
 variant alike instead of on whichever ran last.
 """
-import functools
 import statistics
 import sys
 import time
@@ -15,8 +14,10 @@ from typing import Callable, Dict, List
 import jax
 import numpy as np
 
-from gqa_flax import decoding
-from gqa_flax.models import T5Config, Transformer
+from gqa_flax.models import T5Config
+from gqa_flax.training import predictor
+from gqa_flax.training.encoder_decoder import EncoderDecoderModel
+from gqa_flax.training.partitioning import Partitioner
 
 PyTree = dict
 Calls = Dict[str, Callable[[], object]]  # {'total': ..., 'prefill': ...}
@@ -39,24 +40,16 @@ def median(seconds: List[float]) -> float:
   return statistics.median(seconds)
 
 
-def _prefill(model: Transformer, params: PyTree, tokens: jax.Array, max_decode_length: int):
-  """The encoder and the decode cache: what `greedy_decode` does before its first step."""
-  encoded = model.apply({"params": params}, tokens, method=Transformer.encode)
-  return decoding.init_decode_cache(model, params, encoded, tokens, max_decode_length)
-
-
 def our_calls(config: T5Config, params: PyTree, inputs: np.ndarray, new_tokens: int,
               cpu_kernels: bool = False) -> Calls:
-  """`greedy_decode` of the batch `inputs` [batch, inputs_len], and its prefill alone."""
-  model = Transformer(config)
-  params = jax.device_put(params)
-  tokens = jax.device_put(np.asarray(inputs, np.int32))
-  prefill_fn = jax.jit(functools.partial(_prefill, model), static_argnums=2)
+  """Greedy decoding of the batch `inputs` [batch, inputs_len] by the partitioned Predictor
+  that gqa-eval uses (all devices, data-parallel), and its prefill alone (encoder + cache)."""
+  decoder = predictor.from_host_params(EncoderDecoderModel(config), params, Partitioner(),
+                                       cpu_kernels=cpu_kernels)
+  tokens = np.asarray(inputs, np.int32)
   return {
-      "total": lambda: decoding.greedy_decode(model, params, tokens, max_decode_length=new_tokens,
-                                              eos_id=NEVER_EOS,
-                                              cpu_kernels=cpu_kernels).block_until_ready(),
-      "prefill": lambda: jax.block_until_ready(prefill_fn(params, tokens, new_tokens)),
+      "total": lambda: decoder.predict(tokens, new_tokens, eos_id=NEVER_EOS),
+      "prefill": lambda: jax.block_until_ready(decoder.decode_cache(tokens, new_tokens)),
   }
 
 

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gqa_flax.kernels import decode_attention
 from gqa_flax.models import layers
 
 NEG_INF = -1e10  # T5X's masking value.
@@ -118,15 +117,16 @@ class MultiHeadDotProductAttention(nn.Module):
       key, value = self._self_attention_cache(*project_kv(), decode_position, max_decode_length)
 
     dropout = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,)) if self.dropout_rate else None
-    # A decode step given its kernels' panels (decoding with cpu_kernels=True) runs on the
-    # CPU kernels: the projections in DenseGeneral, the attention here.
-    if (decode and self.has_variable(layers.KERNEL_PANELS, "query") and dropout is None
-        and decode_attention.supports(query, key)):
-      out = decode_attention.decode_attention(query, key, value, bias)
-    else:
-      out = grouped_attention(query, key, value, bias, dropout, deterministic)
+    out = self.attend(query, key, value, bias, dropout, deterministic)
     return layers.DenseGeneral(inputs_q.shape[-1], ("joined_kv", "embed"), num_contracting_axes=2,
                                kernel_init=kv_init, dtype=self.dtype, name="out")(out)
+
+  def attend(self, query: jax.Array, key: jax.Array, value: jax.Array,
+             bias: Optional[jax.Array], dropout: Optional[nn.Module] = None,
+             deterministic: bool = True) -> jax.Array:
+    """`grouped_attention` (shapes there): a method of its own, so that a decode step can run
+    it on other kernels without the model knowing (gqa_flax/kernels/plugin.py)."""
+    return grouped_attention(query, key, value, bias, dropout, deterministic)
 
   def _cross_attention_cache(self, project_kv):
     """Encoder K/V, projected only by the call that creates the cache."""

@@ -11,16 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from gqa_flax.kernels import panel_matmul
-
 Initializer = Callable[..., jax.Array]
 
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-
-# Optional variable collection: `kernel [ceil(n/32), k, 32]`, a DenseGeneral's kernel packed by
-# `panel_matmul.pack_panels`. Decoding on the CPU passes it for the decoder's step.
-KERNEL_PANELS = "kernel_panels"
-
 
 def _param(module: nn.Module, name: str, init: Initializer, shape: Tuple[int, ...],
            axes: Tuple[str, ...]) -> jax.Array:
@@ -46,7 +39,6 @@ class DenseGeneral(nn.Module):
 
   Contracts the last `len(in_shape)` axes of the input; e.g. a query projection maps
   `[batch, len, emb]` to `[batch, len, heads, head_dim]` with a `[emb, heads*head_dim]` kernel.
-  Given the kernel's panels (collection `KERNEL_PANELS`), it multiplies with those instead.
   """
   features: Sequence[int]
   kernel_axes: Tuple[str, str]
@@ -61,11 +53,6 @@ class DenseGeneral(nn.Module):
     kernel_shape = (int(np.prod(in_shape)), int(np.prod(features)))
     # As in T5X, the initializer sees the joined 2-D shape: fan_in = prod(in_shape).
     kernel = _param(self, "kernel", self.kernel_init, kernel_shape, self.kernel_axes)
-    if self.has_variable(KERNEL_PANELS, "kernel"):
-      rows = x.reshape(-1, kernel_shape[0])  # [m, k]
-      y = panel_matmul.panel_matmul(rows, self.get_variable(KERNEL_PANELS, "kernel"),
-                                    kernel_shape[1])
-      return y.reshape(x.shape[:x.ndim - len(in_shape)] + features).astype(self.dtype)
     kernel = jnp.asarray(kernel, self.dtype).reshape(in_shape + features)
     x = jnp.asarray(x, self.dtype)
     contract = tuple(range(x.ndim - len(in_shape), x.ndim))

@@ -121,13 +121,16 @@ class Predictor:
 
   def decode_cache(self, inputs: np.ndarray, max_decode_length: int) -> Any:
     """The decode cache of `inputs` as `predict` lays it out (global arrays), for inspection."""
-    prefill = functools.partial(decoding.prefill, self.model.module,
-                                max_decode_length=max_decode_length,
-                                cache_shardings=self.partitioner.cache_shardings)
-    data = self.partitioner.batch_sharding()
-    _, cache = jax.jit(prefill, in_shardings=(self.param_shardings, data))(
-        self.params, _global(np.asarray(inputs, np.int32), data))
-    return cache
+    key = ("prefill", max_decode_length)
+    if key not in self._decoders:
+      prefill = functools.partial(decoding.prefill, self.model.module,
+                                  max_decode_length=max_decode_length,
+                                  cache_shardings=self.partitioner.cache_shardings)
+      self._decoders[key] = jax.jit(lambda params, tokens: prefill(params, tokens)[1],
+                                    in_shardings=(self.param_shardings,
+                                                  self.partitioner.batch_sharding()))
+    return self._decoders[key](self.params, _global(np.asarray(inputs, np.int32),
+                                                    self.partitioner.batch_sharding()))
 
 
 def from_host_params(model: EncoderDecoderModel, params: Any, partitioner: Partitioner,

@@ -1,0 +1,64 @@
+"""`gqa-reproduce --preset paper` on the simulated pod (tests/pod.py), its models shrunk to the
+real tiny T5X legacy checkpoint and its tasks to the offline mini title task: the sources are
+read from gs:// URLs on the local GCS server (tests/gcs_server.py), every stage runs on both
+hosts, and table1.json's scores equal those of the same run in one process with 8 devices."""
+import json
+
+from etils import epath
+
+from gqa_flax.checkpoints import load_checkpoint, t5x_legacy
+from gqa_flax.checkpoints.arrays import flatten
+from tests import pod
+from tests.test_convert import T5X_TINY
+
+TIMEOUT = 600
+
+
+def _bindings(large: str, xxl: str):
+  return [
+      "Preset.models = {'Large': 'models/t5_1_1/tiny.gin', 'XXL': 'models/t5_1_1/tiny.gin'}",
+      f"Preset.checkpoints = {{'Large': '{large}', 'XXL': '{xxl}'}}",
+      "Preset.pretrain_steps = 0", "Preset.finetune_steps = 3",
+      "Preset.tasks = {'gqa_mini_title': 'reproduce/smoke/title.gin'}",
+      "Preset.bindings = ['BATCH_SIZE = 8', 'NUM_PARTITIONS = 2', 'train.stats_period = 1']",
+      "Preset.variants = [('Large', None, 0.0, 'mean'), ('XXL', 1, 0.0, 'mean')]",
+      "Preset.table_variants = [('Large', None, 0.0, 'mean'), ('XXL', 1, 0.0, 'mean')]",
+      "Preset.eval_examples = 12", "Preset.eval_batch_size = 8", "Preset.timing_repeats = 1",
+      "Preset.decode_partitions = 4",
+      "Preset.fig6 = {'model': 'XXL', 'groups': [1, 2, 4], 'inputs': 16, 'targets': 4, "
+      "'batch': 8}"]
+
+
+def _argv(out, bindings):
+  return pod.module("gqa_flax.reproduce.cli", "--preset", "paper", "--out", str(out),
+                    "--heartbeat", "60", *(f"--gin_bindings={b}" for b in bindings))
+
+
+def test_paper_preset_on_the_pod_from_gs_equals_one_process(tmp_path, mini_data_dir, gcs_server):
+  root = f"gs://{gcs_server.bucket}/pretrained"
+  large = f"{root}/t5_1_1_large/checkpoint_0"  # the fixture's msgpack file, arrays inline
+  epath.Path(large).mkdir(parents=True)
+  epath.Path(T5X_TINY).copy(f"{large}/{t5x_legacy.CHECKPOINT_FILE}")
+  xxl = f"{root}/t5_1_1_xxl/checkpoint_0"  # the same arrays in TensorStore zarr on gs://
+  fixture = load_checkpoint(T5X_TINY)
+  t5x_legacy.write_t5x_legacy(xxl, flatten(fixture.params), 0, inline_max_bytes=1024)
+  env = {"GQA_DATA_DIR": str(mini_data_dir)}
+  bindings = _bindings(large, xxl)
+  job = pod.Pod(_argv(tmp_path / "pod", bindings), env=env)
+  single = pod.run_single(_argv(tmp_path / "single", bindings), TIMEOUT, env=env)
+  outputs = job.wait(TIMEOUT)
+  assert "wrote" in outputs[0].output and "table1.md" in outputs[0].output
+  tables = [json.loads((tmp_path / out / "table1.json").read_text()) for out in ("pod", "single")]
+  rows = [{r["label"]: (r["scores"], r["n_eval_examples"], r["kv_heads"]) for r in t["rows"]}
+          for t in tables]
+  assert rows[0] == rows[1], (rows, single.output[-2000:])
+  assert set(rows[0]) == {"MHA-Large", "MQA-XXL"}
+  for scores, counts, _ in rows[0].values():
+    assert set(scores) == {"gqa_mini_title"} and 0 < counts["gqa_mini_title"] <= 12, rows
+  assert [p["kv_heads"] for p in tables[0]["fig6"]["points"]] == [1, 2, 4]
+  # Every stage ran and left its log and marker once, under OUT.
+  stages = sorted(p.name for p in (tmp_path / "pod" / "stages").iterdir())
+  assert stages == sorted(p.name for p in (tmp_path / "single" / "stages").iterdir())
+  for stage in stages:
+    assert sorted(p.name for p in (tmp_path / "pod" / "stages" / stage).iterdir()) == [
+        "DONE.json", "log.txt"], stage
