@@ -4,14 +4,16 @@
 # command; jax.distributed picks up the TPU pod's topology).
 #
 #   scripts/launch_tpu_vm.sh NAME ZONE ACCELERATOR OUT [RUNTIME]
-#   e.g. GQA_BUCKET=my-bucket scripts/launch_tpu_vm.sh gqa-v4 us-central2-b v4-32 /mnt/gqa/paper
+#   e.g. TFDS_DATA_DIR=gs://my-bucket/tfds scripts/launch_tpu_vm.sh gqa-v4 us-central2-b v4-32 \
+#          gs://my-bucket/gqa/paper
 #
-# Needs: gcloud, authenticated, with TPU quota in ZONE. OUT is a local path that must be the
-# same shared directory on every worker (the stage markers and checkpoints are files): with
-# GQA_BUCKET set, the bucket is mounted with gcsfuse at /mnt/gqa on every worker. The T5.1.1
-# checkpoints are read from gs://t5-data; the tasks' TFDS data must be prepared beforehand
-# (TFDS_DATA_DIR, e.g. gs://my-bucket/tfds). Progress: `gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0
-# --command "tail -f ~/gqa_reproduce.log"`. Rerunning this script resumes the run.
+# Needs: gcloud, authenticated, with TPU quota in ZONE. OUT is a gs:// URL (every worker reads
+# and writes it directly: Orbax, TensorStore and the stage markers need no mounted bucket and
+# no directory renames there). The T5.1.1 checkpoints are read from gs://t5-data; the tasks'
+# TFDS data must be prepared beforehand in TFDS_DATA_DIR (passed to every stage).
+# Progress: `gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0
+# --command "tail -f ~/gqa_reproduce.log"` (worker 0 writes OUT's logs and markers). Rerunning
+# this script resumes the run.
 set -euo pipefail
 
 if [[ $# -lt 4 ]]; then
@@ -44,14 +46,10 @@ run_all "set -e
   sudo apt-get -qq update && sudo apt-get -qq install -y python3.11 python3.11-venv git
   [ -d gqa-flax ] || git clone -q '$REPO_URL' gqa-flax
   cd gqa-flax && git fetch -q && git checkout -q '$REF'
-  python3.11 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e '.[tpu,plot]'
-  if [ -n '${GQA_BUCKET:-}' ]; then
-    sudo mkdir -p /mnt/gqa && sudo chown \$USER /mnt/gqa
-    mountpoint -q /mnt/gqa || gcsfuse --implicit-dirs '${GQA_BUCKET:-}' /mnt/gqa
-  fi"
+  python3.11 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e '.[tpu,plot]'"
 
 echo "starting gqa-reproduce --preset paper --out $OUT on every worker"
 run_all "cd gqa-flax && nohup env JAX_PLATFORMS=tpu .venv/bin/gqa-reproduce --preset paper \
-  --out '$OUT' > ~/gqa_reproduce.log 2>&1 &"
+  --out '$OUT' ${TFDS_DATA_DIR:+--tfds_data_dir='$TFDS_DATA_DIR'} > ~/gqa_reproduce.log 2>&1 &"
 echo "started; follow with: gcloud compute tpus tpu-vm ssh $NAME --zone $ZONE --worker=0 \
 --command 'tail -f ~/gqa_reproduce.log'"
