@@ -17,7 +17,6 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from gqa_flax import decoding
 from gqa_flax.models import T5Config, Transformer
@@ -61,18 +60,6 @@ class DecodePlan:
     return self.prefill.fits(hbm_bytes) and self.step.fits(hbm_bytes)
 
 
-def _cache_sharding(partitioner: Partitioner, leaf) -> NamedSharding:
-  """K/V caches, [batch, kv_heads, length, head_dim] (MQA's self-attention cache has no
-  kv_heads axis): batch over 'data', kv_heads over 'model' when it divides them (else
-  replicated, like the K/V kernels); cache_index replicated."""
-  if leaf.ndim not in (3, 4):
-    return partitioner.replicated()
-  spec = ["data"] + [None] * (leaf.ndim - 1)
-  if leaf.ndim == 4 and leaf.shape[1] % partitioner.num_partitions == 0:
-    spec[1] = "model"
-  return NamedSharding(partitioner.mesh, PartitionSpec(*spec))
-
-
 def _with_shardings(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
@@ -94,14 +81,12 @@ def plan_decode(config: T5Config, topology: Topology, num_partitions: int, batch
   data = partitioner.batch_sharding()
   inputs = jax.ShapeDtypeStruct((batch_size, inputs_len), jnp.int32, sharding=data)
 
-  def prefill(params, encoder_input_tokens):
-    """-> encoded [batch, inputs_len, emb], cache."""
-    encoded = module.apply({"params": params}, encoder_input_tokens, method=Transformer.encode)
-    return encoded, decoding.init_decode_cache(module, params, encoded, encoder_input_tokens,
-                                               targets_len)
-
+  # The programs of gqa-eval's partitioned decoding (training/predictor.py): its prefill and
+  # the step of its loop, with the same shardings (Partitioner.cache_shardings).
+  prefill = functools.partial(decoding.prefill, module, max_decode_length=targets_len,
+                              cache_shardings=partitioner.cache_shardings)
   encoded, cache = jax.eval_shape(prefill, params, inputs)
-  cache_shardings = jax.tree.map(functools.partial(_cache_sharding, partitioner), cache)
+  cache_shardings = partitioner.cache_shardings(cache)
   prefill_jit = jax.jit(prefill, in_shardings=(param_shardings, data),
                         out_shardings=(data, cache_shardings))
   step_fn = functools.partial(decoding.decode_step, module, max_decode_length=targets_len)
