@@ -2,7 +2,8 @@
 
 Every host of a pod runs the same command. Before any other JAX call the command joins the
 others (`initialize`):
-  * TPU VMs: `jax.distributed.initialize()` finds the hosts itself;
+  * TPU VMs of several hosts (TPU_WORKER_HOSTNAMES lists them): `jax.distributed.initialize()`
+    finds the hosts itself;
   * GPU or CPU clusters: T5X's flags `--multiprocess_gpu --coordinator_address=HOST:PORT
     --process_count=N --process_index=I`. On the CPU backend the same flags form a CPU pod
     whose collectives run over gloo (how the tests simulate a pod on one machine).
@@ -20,7 +21,6 @@ from typing import Any, Optional
 
 import jax
 
-_TPU_POD_VARIABLES = ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "TPU_WORKER_ID")
 _TIMEOUT_MS = 3_600_000  # a barrier waits up to an hour (a stage's conversion at XXL)
 _uses = collections.Counter()  # every process passes the same barriers in the same order
 
@@ -52,7 +52,9 @@ def as_argv(multiprocess_gpu: bool = False, coordinator_address: Optional[str] =
 
 
 def _on_tpu_pod() -> bool:
-  return any(os.environ.get(name) for name in _TPU_POD_VARIABLES)
+  """A TPU VM of several hosts (its runtime lists them); never on the CPU backend."""
+  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  return len(hosts) > 1 and not _cpu_backend()
 
 
 def _cpu_backend() -> bool:
