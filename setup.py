@@ -37,8 +37,11 @@ setuptools.setup(
         "psutil",
     ],
     extras_require={
-        # Independent references for tests (HF transformers' PyTorch T5).
-        "test": ["pytest", "torch==2.13.0", "transformers"],
+        # Independent references for tests: HF transformers' PyTorch T5;
+        # Google's `t5` (the tests fetch its wheel, not its dependency list;
+        # t5.data and t5.evaluation also need babel and scikit-learn).
+        "test": ["pytest", "torch==2.13.0", "transformers", "babel",
+                 "scikit-learn"],
         # Ahead-of-time compilation for TPU topologies from a CPU machine.
         "tpu": ["jax[tpu]==0.10.2"],
         "plot": ["matplotlib"],
