@@ -79,13 +79,16 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
   gin.parse_config_files_and_bindings(None, gin_bindings, finalize_config=False)
 
 
-def run(main: Callable[[], None]) -> None:
-  """Console-script entry: parses flags (after the --gin.X rewrite) and gin, then `main()`."""
+def run(main: Callable[[], None], join_pod: bool = True) -> None:
+  """Console-script entry: parses flags (after the --gin.X rewrite), joins the pod (unless
+  `join_pod` is False: gqa-plan compiles for a slice it is not on) and parses gin, then
+  `main()`."""
   def wrapped(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --gin.NAME=VALUE")
-    pod.initialize(FLAGS.multiprocess_gpu, FLAGS.coordinator_address, FLAGS.process_count,
-                   FLAGS.process_index)
+    if join_pod:
+      pod.initialize(FLAGS.multiprocess_gpu, FLAGS.coordinator_address, FLAGS.process_count,
+                     FLAGS.process_index)
     if FLAGS.tfds_data_dir:
       seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
     parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
