@@ -1,5 +1,6 @@
 """Shared pytest fixtures."""
 import os
+import sys
 
 import pytest
 
@@ -41,3 +42,31 @@ def gcs_server(tmp_path_factory):
       else:
         os.environ[name] = value
     server.stop()
+
+
+# Google's `t5` package: the reference for our data pipeline and metrics.
+T5_REFERENCE = ("t5", "0.9.4")
+
+
+@pytest.fixture(scope="session")
+def t5_reference():
+  """Google's `t5` with t5.data.tasks, postprocessors and metrics imported.
+
+  Only its wheel is fetched (into $GQA_FLAX_CACHE, once) and imported from
+  there; its own dependency list (mesh-tensorflow...) is never installed:
+  t5.data and t5.evaluation run on our pinned packages plus the test extra.
+  """
+  # pylint: disable=import-outside-toplevel
+  from gqa_flax.data import sources
+  root = str(sources.fetch_pypi(*T5_REFERENCE))
+  if root not in sys.path:
+    sys.path.append(root)
+  try:
+    import t5.data.postprocessors
+    import t5.data.tasks  # Registers T5's tasks (cnn_dailymail_v002, ...).
+    import t5.evaluation.metrics
+  except ImportError as error:
+    raise ImportError(
+        f"t5=={T5_REFERENCE[1]} needs {error.name}: install the test extra "
+        "(pip install -c constraints.txt -e '.[test]').") from error
+  return t5

@@ -6,8 +6,15 @@ allennlp TriviaQA sample) and the real builders prepare them in a temporary
 data_dir, their download manager answering with the local paths. arXiv is
 built with its real builder from the same PMC articles (no arXiv text is
 available offline). WMT14 needs downloads of several GB and is not built: only
-its formatting and tokenization run, on a hand-written sentence pair.
+its formatting and tokenization run, on a hand-written sentence pair and on
+real sentence pairs of the mini corpus (trans-de-en).
+
+Google's `t5` package is the reference: T5's own tasks (`cnn_dailymail_v002`,
+`wmt14_ende_v003`, `trivia_qa_v010`), and T5's `summarize` for the tasks T5
+does not define, run on the same records give the same strings and tokens, and
+the same predictions get the same scores.
 """
+import functools
 import hashlib
 import json
 import os
@@ -19,12 +26,14 @@ import xml.etree.ElementTree as ET
 
 from absl.testing import flagsaver
 import gin
+import numpy as np
 import pytest
 import seqio
 import sentencepiece as spm
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from gqa_flax.data import mini
 from gqa_flax.data import sources
 from gqa_flax.data import tasks
 from gqa_flax.data import vocab
@@ -40,6 +49,18 @@ SCIENTIFIC_PAPERS_FILES = {"train": "train.txt", "validation": "val.txt",
 MULTI_NEWS_PREFIXES = {"train": "train", "validation": "val", "test": "test"}
 TRIVIA_QA_FILES = {"train": "-train.json", "validation": "-dev.json",
                    "test": "-test-without-answers.json"}
+# Our task -> T5's task of the same data (t5.data.tasks).
+T5_TASKS = {"gqa_cnn_dailymail": "cnn_dailymail_v002",
+            "gqa_wmt14_ende": "wmt14_ende_v003",
+            "gqa_trivia_qa": "trivia_qa_v010"}
+# The tasks T5 does not define: (document, summary) features for its summarize.
+T5_SUMMARIZE_KEYS = {name: (document, summary) for name, _, document, summary
+                     in tasks.TFDS_SUMMARIZATION_TASKS
+                     if name not in T5_TASKS}
+T5_SUMMARIZE_KEYS["gqa_mediasum"] = ("dialogue", "summary")
+# Long enough to keep every TriviaQA example of the sample whole.
+TRIVIA_QA_UNCUT_LENGTHS = {"inputs": 65536, "targets": 32}
+SEED = 7
 
 
 def squash(text):
@@ -163,24 +184,12 @@ def trivia_qa_files(root):
     del record["Answer"]
   with open(qa / "wikipedia-test-without-answers.json", "w") as f:
     json.dump(dev, f, indent=4)
-  expected, answers = {}, set()
-  for split, suffix in TRIVIA_QA_FILES.items():
-    expected[split] = set()
-    for path in sorted(qa.glob(f"*{suffix}")):
-      with open(path) as f:
-        for record in json.load(f)["Data"]:
-          contexts = [
-              (root / "evidence" / "wikipedia" / p["Filename"]).read_text()
-              for p in record.get("EntityPages", [])] + [
-                  (root / "evidence" / "web" / r["Filename"]).read_text()
-                  for r in record.get("SearchResults", [])]
-          answer = record.get("Answer", {"Value": "<unk>"})["Value"]
-          if split == "validation":
-            answers.add((answer, *record["Answer"]["Aliases"]))
-          expected[split].add((squash(
-              f"trivia_qa question: {record['Question']} context: "
-              + " ".join(contexts)), answer))
-  return {"rc": root}, expected, answers
+  answers = set()
+  for path in sorted(qa.glob(f"*{TRIVIA_QA_FILES['validation']}")):
+    with open(path) as f:
+      answers |= {(r["Answer"]["Value"], *r["Answer"]["Aliases"])
+                  for r in json.load(f)["Data"]}
+  return {"rc": root}, answers
 
 
 def mediasum_files(root, articles):
@@ -247,8 +256,8 @@ def prepared(tmp_path_factory):
   downloads, expected["gqa_multi_news"] = multi_news_files(
       root / "multi_news", acq)
   build_tfds(TFDS_NAMES["gqa_multi_news"], data_dir, downloads)
-  downloads, expected["gqa_trivia_qa"], expected["trivia_qa_answers"] = (
-      trivia_qa_files(root / "trivia_qa"))
+  downloads, expected["trivia_qa_answers"] = trivia_qa_files(
+      root / "trivia_qa")
   build_tfds(tasks.TRIVIA_QA_TFDS, data_dir, downloads)
   expected["gqa_mediasum"] = mediasum_files(root / "mediasum", acq[8:])
 
@@ -269,11 +278,12 @@ def prepared(tmp_path_factory):
   tasks.register_paper_tasks()
 
 
-def task_examples(name, split):
+def task_examples(name, split, lengths=None):
+  """Examples of task `name` at `lengths` (default: the paper's)."""
   task = seqio.get_mixture_or_task(name)
   return list(task.get_dataset(
-      sequence_length=tasks.PAPER_FEATURE_LENGTHS[name], split=split,
-      shuffle=False).as_numpy_iterator())
+      sequence_length=lengths or tasks.PAPER_FEATURE_LENGTHS[name],
+      split=split, shuffle=False).as_numpy_iterator())
 
 
 def assert_tokenized(example, vocabulary, lengths):
@@ -286,7 +296,7 @@ def assert_tokenized(example, vocabulary, lengths):
 
 
 @pytest.mark.parametrize("name", sorted(set(tasks.PAPER_FEATURE_LENGTHS) - {
-    "gqa_wmt14_ende"}))
+    "gqa_wmt14_ende", "gqa_trivia_qa"}))
 def test_task_reads_real_text_through_its_builder(prepared, name):
   vocabulary = seqio.get_mixture_or_task(name).output_features[
       "targets"].vocabulary
@@ -306,10 +316,26 @@ def test_long_documents_are_cut_to_the_paper_input_length(prepared):
   assert max(lengths) == tasks.PAPER_FEATURE_LENGTHS["gqa_pubmed"]["inputs"]
 
 
-def test_trivia_qa_keeps_all_answer_aliases(prepared):
-  answers = {tuple(a.decode() for a in ex["answers"])
-             for ex in task_examples("gqa_trivia_qa", "validation")}
-  assert answers == prepared["trivia_qa_answers"]
+def test_trivia_qa_pairs_each_alias_found_with_all_aliases(prepared):
+  examples = task_examples("gqa_trivia_qa", "validation",
+                           TRIVIA_QA_UNCUT_LENGTHS)
+  for example in examples:
+    inputs = example["inputs_pretokenized"].decode()
+    alias = example["targets_pretokenized"].decode()
+    assert inputs.startswith("question: ") and " context: " in inputs
+    assert alias in inputs.lower()
+    assert tuple(a.decode() for a in example["answers"]) in prepared[
+        "trivia_qa_answers"]
+  # Found in the sample's dev evidence: Sunset Boulevard in 4 contexts, David
+  # Seville in 2; 'Campbell-Bannerman' is hyphenated wherever it occurs, so
+  # its normalized alias 'campbell bannerman' is not found.
+  targets = [ex["targets_pretokenized"].decode() for ex in examples]
+  assert sorted(targets) == ["david seville"] * 2 + ["sunset boulevard"] * 4
+  # T5's cut drops an input longer than 2048 tokens unless it holds the
+  # alias' tokens, case and all: the five longer ones go, leaving the one of
+  # 1588 tokens (EOS included).
+  assert [len(ex["inputs"]) for ex in task_examples(
+      "gqa_trivia_qa", "validation")] == [1588]
 
 
 def test_wmt14_ende_formats_and_tokenizes_en_to_de(prepared):
@@ -326,11 +352,11 @@ def test_wmt14_ende_formats_and_tokenizes_en_to_de(prepared):
                    tasks.PAPER_FEATURE_LENGTHS["gqa_wmt14_ende"])
 
 
-def evaluate(name, predict_fn):
+def evaluate(name, predict_fn, lengths=None):
   evaluator = seqio.Evaluator(
       name, feature_converter=seqio.EncDecFeatureConverter(pack=False),
       eval_split="validation",
-      sequence_length=tasks.PAPER_FEATURE_LENGTHS[name],
+      sequence_length=lengths or tasks.PAPER_FEATURE_LENGTHS[name],
       async_compute_metrics=False)
   metrics, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn)
   return metrics.result()[name]
@@ -339,12 +365,13 @@ def evaluate(name, predict_fn):
 def test_evaluator_scores_trivia_qa_against_every_alias(prepared):
   vocabulary = seqio.get_mixture_or_task(
       "gqa_trivia_qa").output_features["targets"].vocabulary
-  answer = vocabulary.encode("Sunset Boulevard")
-  # Validation: 'Sunset Boulevard' twice (wikipedia-dev, web-dev),
-  # 'Campbell-Bannerman' and 'David Seville': EM 2/4, F1 (1 + 1 + 0 + 0)/4.
+  answer = vocabulary.encode("Sunset Blvd.")
+  # Validation: 4 examples of 'sunset boulevard' (aliases include 'Sunset
+  # Blvd'), 2 of 'david seville': EM = F1 = 4/6.
   scores = evaluate("gqa_trivia_qa",
-                    lambda ds: [(i, answer) for i, _ in ds.as_numpy_iterator()])
-  assert scores == pytest.approx({"em": 50, "f1": 50})
+                    lambda ds: [(i, answer) for i, _ in ds.as_numpy_iterator()],
+                    TRIVIA_QA_UNCUT_LENGTHS)
+  assert scores == pytest.approx({"em": 100 * 4 / 6, "f1": 100 * 4 / 6})
 
 
 def test_evaluator_gives_full_rouge_to_the_reference_summaries(prepared):
@@ -354,6 +381,184 @@ def test_evaluator_gives_full_rouge_to_the_reference_summaries(prepared):
   scores = evaluate("gqa_cnn_dailymail", predict_targets)
   assert scores == pytest.approx(
       {"rouge1": 100, "rouge2": 100, "rougeLsum": 100})
+
+
+# ------------------------------------------------ against Google's t5 package
+
+
+def t5_reference_task(name, t5):
+  """Task `name` with T5's preprocessing in place of ours.
+
+  T5's preprocessors of its task of the same data, or T5's `summarize` (then
+  our tokenize, cache, EOS) where T5 defines no such task. Source and output
+  features are ours.
+  """
+  ours = seqio.get_mixture_or_task(name)
+  if name in T5_TASKS:
+    preprocessors = seqio.get_mixture_or_task(T5_TASKS[name]).preprocessors
+  else:
+    document, summary = T5_SUMMARIZE_KEYS[name]
+    preprocessors = [functools.partial(
+        t5.data.preprocessors.summarize, article_key=document,
+        summary_key=summary), *ours.preprocessors[1:]]
+  return seqio.Task(f"t5_reference_{name}", source=ours.source,
+                    preprocessors=preprocessors,
+                    output_features=ours.output_features)
+
+
+def raw_records(name, split, mini_data_dir, monkeypatch):
+  """Records of `name`'s source; for WMT14, real sentence pairs (en, de)."""
+  if name != "gqa_wmt14_ende":
+    return seqio.get_mixture_or_task(name).source.get_dataset(
+        split, shuffle=False)
+  monkeypatch.setenv(mini.DATA_DIR_ENV, str(mini_data_dir))
+  return mini.corpus_source("ende").get_dataset(split).take(50)
+
+
+def preprocessed(task, records, lengths):
+  """(strings and tokens before caching, tokens after) of task on records."""
+  precache = task.preprocess_precache(records, seed=SEED)
+  postcache = task.preprocess_postcache(precache, lengths, seed=SEED)
+  return (list(precache.as_numpy_iterator()),
+          list(postcache.as_numpy_iterator()))
+
+
+def assert_same_examples(ours, t5s):
+  """Each of T5's features equals ours.
+
+  Ours may have more: TriviaQA's 'answers', and the strings that T5's TriviaQA
+  cut drops.
+  """
+  assert len(ours) == len(t5s)
+  for our_example, t5_example in zip(ours, t5s):
+    assert set(our_example) - set(t5_example) <= {
+        "answers", "inputs_pretokenized", "targets_pretokenized"}
+    for key, value in t5_example.items():
+      np.testing.assert_array_equal(our_example[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(tasks.PAPER_FEATURE_LENGTHS))
+def test_preprocessing_gives_t5s_strings_and_tokens(
+    prepared, t5_reference, mini_data_dir, monkeypatch, name):
+  ours = seqio.get_mixture_or_task(name)
+  t5s = t5_reference_task(name, t5_reference)
+  for split in SPLITS:
+    records = raw_records(name, split, mini_data_dir, monkeypatch)
+    (our_strings, our_tokens), (t5_strings, t5_tokens) = (
+        preprocessed(task, records, tasks.PAPER_FEATURE_LENGTHS[name])
+        for task in (ours, t5s))
+    # The sample's TriviaQA test questions have no answers, hence no example.
+    assert our_strings or (name, split) == ("gqa_trivia_qa", "test")
+    assert all("inputs_pretokenized" in ex and "targets_pretokenized" in ex
+               for ex in t5_strings)
+    assert_same_examples(our_strings, t5_strings)
+    assert_same_examples(our_tokens, t5_tokens)
+
+
+@pytest.mark.parametrize("seed", [0, SEED])
+def test_trivia_qa_cut_around_the_answer_is_t5s(prepared, t5_reference, seed):
+  """Our and T5's trivia_qa_truncate_inputs on real tokens, answer present.
+
+  The sample's long contexts hold none of their lowercased aliases' tokens,
+  so answers are cut from the inputs themselves, at the start, middle and
+  end; one answer is absent (its example is dropped).
+  """
+  task = seqio.get_mixture_or_task("gqa_trivia_qa")
+  records = task.source.get_dataset("train", shuffle=False)
+  contexts = [ex["inputs"] for ex in task.preprocess_precache(
+      records).as_numpy_iterator()][:4]
+  examples = [{"inputs": c, "targets": c[start:start + 3]}
+              for c in contexts for start in (0, len(c) // 2, len(c) - 3)]
+  examples.append({"inputs": contexts[0],
+                   "targets": np.array([-1, -2], np.int32)})
+  dataset = tf.data.Dataset.from_generator(
+      lambda: iter(examples), output_signature={
+          key: tf.TensorSpec([None], tf.int32) for key in examples[0]})
+  lengths = {"inputs": 256, "targets": 32}
+  cut = {}
+  for side, truncate in (
+      ("ours", tasks.trivia_qa_truncate_inputs),
+      ("t5", functools.partial(
+          t5_reference.data.preprocessors.trivia_qa_truncate_inputs,
+          output_features=None))):
+    with seqio.utils.map_seed_manager(seed):
+      cut[side] = list(truncate(dataset, sequence_length=lengths)
+                       .as_numpy_iterator())
+  assert_same_examples(cut["ours"], cut["t5"])
+  assert len(cut["ours"]) == len(examples) - 1
+  for example, uncut in zip(cut["ours"], examples):
+    inputs, answer = example["inputs"].tolist(), example["targets"].tolist()
+    assert len(inputs) == min(256, len(uncut["inputs"]))
+    assert any(inputs[i:i + 3] == answer for i in range(len(inputs)))
+
+
+def t5_postprocess_fn(name, t5):
+  """T5's postprocessing of `name`'s targets and predictions.
+
+  That of T5's task of the same data; for TriviaQA, whose T5 task defines none
+  (nor a metric), T5's `postprocessors.qa`, which its QA tasks scored against
+  all answers use; none where T5 defines no task.
+  """
+  if name == "gqa_trivia_qa":
+    return t5.data.postprocessors.qa
+  if name in T5_TASKS:
+    return seqio.get_mixture_or_task(T5_TASKS[name]).postprocess_fn
+  return lambda output, example=None, is_target=False: output
+
+
+def predictions_for(name, examples):
+  """Plausible model outputs from each example's own text.
+
+  Summaries: the document's first words, as many as the summary has.
+  Translations: the reference with every third word dropped. TriviaQA, in
+  turn: the alias, its first word, its title-cased form, or the first piece
+  (up to punctuation) of the question's last alias, which scores only if
+  punctuation separates words.
+  """
+  predictions = []
+  for i, example in enumerate(examples):
+    inputs = example["inputs_pretokenized"].decode()
+    target = example["targets_pretokenized"].decode()
+    if name == "gqa_wmt14_ende":
+      predictions.append(" ".join(w for j, w in enumerate(target.split())
+                                  if j % 3 != 2))
+    elif name == "gqa_trivia_qa":
+      last_alias = example["answers"][-1].decode()
+      predictions.append([target, target.split()[0], target.title(),
+                          re.split(r"[^\w ]", last_alias)[0]][i % 4])
+    else:
+      document = inputs.split(" ", 1)[1].split()
+      predictions.append(" ".join(document[:len(target.split())]))
+  return predictions
+
+
+@pytest.mark.parametrize("name", sorted(tasks.PAPER_FEATURE_LENGTHS))
+def test_same_predictions_get_t5s_scores(
+    prepared, t5_reference, mini_data_dir, monkeypatch, name):
+  """Postprocessed targets and our metric against T5's of the same name."""
+  ours = seqio.get_mixture_or_task(name)
+  t5_postprocess = t5_postprocess_fn(name, t5_reference)
+  lengths = (TRIVIA_QA_UNCUT_LENGTHS if name == "gqa_trivia_qa"
+             else tasks.PAPER_FEATURE_LENGTHS[name])
+  examples = [ex for split in SPLITS for ex in preprocessed(
+      ours, raw_records(name, split, mini_data_dir, monkeypatch), lengths)[1]]
+  targets = [ex["targets_pretokenized"].decode() for ex in examples]
+  our_targets = [ours.postprocess_fn(t, example=ex, is_target=True)
+                 for t, ex in zip(targets, examples)]
+  assert our_targets == [t5_postprocess(t, example=ex, is_target=True)
+                         for t, ex in zip(targets, examples)]
+  predictions = predictions_for(name, examples)
+  assert [ours.postprocess_fn(p) for p in predictions] == [
+      t5_postprocess(p) for p in predictions]
+  assert len(ours.metric_fns) == 1
+  metric_fn, = ours.metric_fns
+  t5_metric_fn = getattr(t5_reference.evaluation.metrics, metric_fn.__name__)
+  np.random.seed(0)  # ROUGE's bootstrap draws from numpy's global generator.
+  our_scores = metric_fn(our_targets, predictions)
+  np.random.seed(0)
+  t5_scores = t5_metric_fn(our_targets, predictions)
+  assert our_scores == t5_scores
+  assert 0 < min(our_scores.values()) and max(our_scores.values()) < 100
 
 
 def one_line_error(match, call, *args):

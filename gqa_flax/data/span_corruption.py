@@ -14,8 +14,12 @@ after its sentinel:
 
 Sentinels are the vocabulary's extra ids from the top down:
 `vocab_size - 1, vocab_size - 2, ...`. Randomness is stateless and comes from
-`seqio.map_over_dataset(num_seeds=...)`, so a seeded `Task.get_dataset` is
-deterministic.
+`seqio.map_over_dataset(num_seeds=1)`, so a seeded `Task.get_dataset` is
+deterministic. Seeds are drawn as T5 draws them (one per example for each of
+the random chunk, the split and the corruption; each split with
+`stateless_split` as T5 splits it), so for the same seed and documents the
+example stream is T5's, token for token (tests/test_span_corruption.py checks
+this against the `t5` package).
 """
 import functools
 
@@ -152,7 +156,8 @@ def nonnoise_span_to_unique_sentinel(tokens, noise_mask, vocabulary):
 def select_random_chunk(dataset, max_length, feature_key="targets"):
   """Keeps one random aligned chunk of at most `max_length` tokens per example.
 
-  Drops empty examples and every feature but `feature_key`.
+  Drops empty examples and every feature but `feature_key`. As in T5, each
+  example's seed is split in two and the second half picks the chunk.
   """
 
   @seqio.map_over_dataset(num_seeds=1)
@@ -161,8 +166,9 @@ def select_random_chunk(dataset, max_length, feature_key="targets"):
     n_tokens = tf.shape(tokens)[0]
     num_segments = tf.cast(
         tf.math.ceil(tf.cast(n_tokens, tf.float32) / max_length), tf.int32)
+    _, start_seed = tf.unstack(tf.random.experimental.stateless_split(seed))
     start = max_length * tf.random.stateless_uniform(
-        [], maxval=num_segments, dtype=tf.int32, seed=seed)
+        [], maxval=num_segments, dtype=tf.int32, seed=start_seed)
     return {feature_key: tokens[start:tf.minimum(start + max_length, n_tokens)]}
 
   dataset = dataset.filter(lambda x: tf.size(x[feature_key]) > 0)
@@ -186,9 +192,13 @@ def split_tokens(dataset, max_tokens_per_segment, feature_key="targets"):
   """Splits each token sequence into segments of `max_tokens_per_segment`.
 
   The last segment of a sequence may be shorter; empty sequences are dropped.
+  The split is deterministic but, as T5's, a seeded map: it takes its turn in
+  `seqio.map_seed_manager`, so the corruption after it gets T5's seeds.
   """
 
-  def split(x):
+  @seqio.map_over_dataset(num_seeds=1)
+  def split(x, seed):
+    del seed  # Drawn only to keep T5's order of seeds.
     tokens = x[feature_key]
     n_tokens = tf.shape(tokens)[0]
     num_segments = (n_tokens + max_tokens_per_segment -
@@ -203,20 +213,27 @@ def split_tokens(dataset, max_tokens_per_segment, feature_key="targets"):
     return {feature_key: segments, "length": lengths}
 
   dataset = dataset.filter(lambda x: tf.size(x[feature_key]) > 0)
-  dataset = dataset.map(split, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+  dataset = split(dataset).unbatch()
   return dataset.map(lambda x: {feature_key: x[feature_key][:x["length"]]},
                      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# T5's denoise splits each example's seed this many ways: two for the noise
+# mask, two each for the inputs and targets functions (unused by sentinels).
+DENOISE_SEED_SPLITS = 6
 
 
 def denoise_random_spans(dataset, vocabulary, noise_density,
                          mean_noise_span_length):
   """Turns each 'targets' sequence into span-corrupted inputs and targets."""
 
-  @seqio.map_over_dataset(num_seeds=2)
-  def corrupt(x, seeds):
+  @seqio.map_over_dataset(num_seeds=1)
+  def corrupt(x, seed):
     tokens = x["targets"]
+    mask_seeds = tf.random.experimental.stateless_split(
+        seed, DENOISE_SEED_SPLITS)[:2]
     noise_mask = random_spans_noise_mask(
-        tf.size(tokens), noise_density, seeds,
+        tf.size(tokens), noise_density, mask_seeds,
         mean_noise_span_length=mean_noise_span_length)
     return {
         "inputs": noise_span_to_unique_sentinel(tokens, noise_mask,

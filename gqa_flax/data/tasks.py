@@ -2,8 +2,12 @@
 
 Summarization (ROUGE): gqa_cnn_dailymail, gqa_arxiv, gqa_pubmed, gqa_mediasum,
 gqa_multi_news; translation (BLEU): gqa_wmt14_ende; question answering (EM/F1):
-gqa_trivia_qa. Inputs are T5-style text-to-text strings ("summarize: ...",
-"translate English to German: ...", "trivia_qa question: ... context: ...").
+gqa_trivia_qa. Where T5 (`t5.data.tasks`) defines the task (CNN/Daily Mail
+`cnn_dailymail_v002`, WMT14 `wmt14_ende_v003`, TriviaQA `trivia_qa_v010`) ours
+gives the same examples: "summarize: ARTICLE", "translate English to German:
+EN", T5's TriviaQA "question: Q context: C" -> alias (one example per context
+and alias found in it, long inputs cut around the answer). The other
+summarization tasks follow T5's `summarize` format.
 
 TFDS datasets are read, never downloaded: prepare them with
 `tfds build NAME:VERSION --data_dir=DIR` and pass DIR as --tfds_data_dir
@@ -86,27 +90,111 @@ def text_to_text(example, prefix, input_key, target_key):
           "targets": example[target_key]}
 
 
-@seqio.map_over_dataset
-def trivia_qa_question_context(example):
-  """T5's 'trivia_qa question: Q context: C' -> answer, keeping all aliases.
+def squash_spaces(text):
+  """Each run of whitespace becomes one space; `text`: strings of any shape."""
+  return tf.strings.regex_replace(text, r"\s+", " ")
 
-  C joins the question's Wikipedia pages and web search results; the answer
-  aliases go to 'answers' for the metric.
+
+def pad_punctuation(text):
+  """Spaces around every ASCII punctuation character, whitespace squashed.
+
+  T5's TriviaQA text normalization; `text`: strings of any shape.
   """
-  contexts = tf.concat([example["entity_pages"]["wiki_context"],
-                        example["search_results"]["search_context"]], axis=0)
-  answer = example["answer"]
-  return {
-      "inputs": tf.strings.join([
-          "trivia_qa question: ", example["question"], " context: ",
-          tf.strings.reduce_join(contexts, separator=" ")]),
-      "targets": answer["value"],
-      "answers": tf.concat([[answer["value"]], answer["aliases"]], axis=0),
-  }
+  return squash_spaces(
+      tf.strings.regex_replace(text, r"([[:punct:]])", r" \1 "))
+
+
+def trivia_qa_question_context(dataset):
+  """T5's TriviaQA examples: one per context and answer alias found in it.
+
+  Each of a question's contexts (its Wikipedia pages, then its web search
+  results) is paired with each of its normalized answer aliases, and the pairs
+  whose context contains the alias (lower case, punctuation padded) become
+  examples, contexts first:
+    inputs   'question: Q context: C'  (Q and C punctuation padded)
+    targets  the alias, punctuation padded
+    answers  all the question's aliases, for the metric
+  A question with no alias in any context gives no example.
+  """
+
+  def examples(x):
+    contexts = pad_punctuation(tf.concat(
+        [x["entity_pages"]["wiki_context"],
+         x["search_results"]["search_context"]], axis=0))  # [C]
+    aliases = pad_punctuation(x["answer"]["normalized_aliases"])  # [A]
+    inputs = squash_spaces(tf.strings.join(
+        ["question:", pad_punctuation(x["question"]), "context:", contexts],
+        separator=" "))  # [C]
+    # (context, alias) index pairs, contexts first: [C * A, 2].
+    pairs = tf.reshape(tf.stack(tf.meshgrid(
+        tf.range(tf.size(contexts)), tf.range(tf.size(aliases)),
+        indexing="ij"), axis=-1), [-1, 2])
+    lower_contexts = tf.strings.lower(contexts)
+    found = tf.map_fn(
+        lambda pair: tf.strings.regex_full_match(
+            lower_contexts[pair[0]], tf.strings.lower(
+                tf.strings.join([".*", aliases[pair[1]], ".*"]))),
+        pairs, fn_output_signature=tf.bool)  # [C * A]
+    pairs = tf.boolean_mask(pairs, found)
+    answer = x["answer"]
+    all_aliases = tf.concat([[answer["value"]], answer["aliases"]], axis=0)
+    return {
+        "inputs": tf.gather(inputs, pairs[:, 0]),
+        "targets": tf.gather(aliases, pairs[:, 1]),
+        "answers": tf.tile(all_aliases[None, :], [tf.shape(pairs)[0], 1]),
+    }
+
+  return dataset.map(examples, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+def answer_starts(tokens, answer):
+  """int64 [K]: every position where `answer` occurs in `tokens` (both 1-D)."""
+  num_starts = tf.maximum(tf.size(tokens) - tf.size(answer) + 1, 0)
+  windows = tf.gather(tokens, tf.range(num_starts)[:, None] +
+                      tf.range(tf.size(answer))[None, :])
+  return tf.where(tf.reduce_all(windows == answer[None, :], axis=1))[:, 0]
+
+
+def trivia_qa_truncate_inputs(dataset, sequence_length):
+  """T5's cut of long TriviaQA inputs to a random window holding the answer.
+
+  Inputs longer than sequence_length['inputs'] become a window of that many
+  tokens, drawn uniformly (one seed per example) among those that hold the
+  answer's first occurrence; examples whose answer tokens are not in their
+  inputs are dropped.
+  """
+  length = sequence_length["inputs"]
+
+  def window_with_answer(inputs, answer, seed):
+    starts = answer_starts(inputs, answer)
+
+    def window():
+      first = tf.cast(starts[0], tf.int32)
+      start = tf.random.stateless_uniform(
+          [], minval=tf.maximum(0, first - (length - tf.size(answer))),
+          maxval=tf.minimum(first, tf.size(inputs) - length) + 1,
+          dtype=tf.int32, seed=seed)
+      return inputs[start:start + length]
+
+    return tf.cond(tf.size(starts) > 0, window, lambda: inputs[:0])
+
+  @seqio.map_over_dataset(num_seeds=1)
+  def truncate(x, seed):
+    inputs = tf.cond(
+        tf.size(x["inputs"]) > length,
+        lambda: window_with_answer(x["inputs"], x["targets"], seed),
+        lambda: x["inputs"])
+    return {**x, "inputs": inputs}
+
+  return truncate(dataset).filter(lambda x: tf.size(x["inputs"]) > 0)
 
 
 def trivia_qa_answers(answer, example=None, is_target=False):
-  """seqio postprocess_fn: a target becomes the list of all its aliases."""
+  """seqio postprocess_fn: a target becomes the list of all its aliases.
+
+  T5's `postprocessors.qa`, as its QA tasks that score against every answer
+  use it.
+  """
   if is_target:
     return [tf.compat.as_text(a) for a in example["answers"]]
   return answer
@@ -172,8 +260,11 @@ def output_features():
 
 
 def add_task(name, source, format_preprocessor, metric_fn,
-             postprocess_fn=None):
-  """Registers `name`: format, tokenize, cache, append EOS after trimming."""
+             postprocess_fn=None, token_preprocessors=()):
+  """Registers `name`: format, tokenize, cache, [token_preprocessors], EOS.
+
+  EOS is appended after trimming to the feature lengths.
+  """
   seqio.TaskRegistry.add(
       name,
       source=source,
@@ -181,6 +272,7 @@ def add_task(name, source, format_preprocessor, metric_fn,
           format_preprocessor,
           seqio.preprocessors.tokenize,
           seqio.CacheDatasetPlaceholder(),
+          *token_preprocessors,
           seqio.preprocessors.append_eos_after_trim,
       ],
       output_features=output_features(),
@@ -211,7 +303,8 @@ def register_paper_tasks():
            metrics.bleu)
   add_task("gqa_trivia_qa", PreparedTfdsDataSource(TRIVIA_QA_TFDS),
            trivia_qa_question_context, metrics.trivia_qa,
-           postprocess_fn=trivia_qa_answers)
+           postprocess_fn=trivia_qa_answers,
+           token_preprocessors=[trivia_qa_truncate_inputs])
 
 
 register_paper_tasks()

@@ -13,9 +13,9 @@ from rouge_score import rouge_scorer
 from rouge_score import scoring
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeLsum")
-# The official TriviaQA evaluation strips these besides ASCII punctuation.
-TRIVIA_QA_PUNCTUATION = frozenset(string.punctuation) | {
-    "‘", "’", "´", "`", "_"}
+# The official TriviaQA evaluation turns these into spaces besides ASCII
+# punctuation.
+TRIVIA_QA_PUNCTUATION = frozenset(string.punctuation) | {"‘", "’", "´"}
 
 
 def _split_sentences_for_rouge(summary):
@@ -46,9 +46,9 @@ def bleu(targets, predictions):
 
 
 def normalize_trivia_qa(answer):
-  """Lower case, drop punctuation and the articles a/an/the, squash spaces."""
+  """Lower case, punctuation to spaces, drop the articles a/an/the, squash."""
   answer = answer.lower()
-  answer = "".join(c for c in answer if c not in TRIVIA_QA_PUNCTUATION)
+  answer = "".join(" " if c in TRIVIA_QA_PUNCTUATION else c for c in answer)
   answer = re.sub(r"\b(a|an|the)\b", " ", answer)
   return " ".join(answer.split())
 
