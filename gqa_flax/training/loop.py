@@ -11,12 +11,12 @@ SaveCheckpointConfig.metric_name_to_monitor can keep the best checkpoints by.
 """
 import logging
 import math
-import os
 from typing import Any, Callable, Dict, Optional
 
 import gin
 import jax
 import optax
+from etils import epath
 
 from gqa_flax import pod
 from gqa_flax.training import checkpointing, data_pipeline, evaluation, trainer
@@ -97,9 +97,8 @@ def train(*, model: EncoderDecoderModel, train_dataset_cfg: data_pipeline.Datase
       evaluation.InferenceEvaluator(infer_eval_dataset_cfg, infer_eval_num_examples)
   layout = partitioner.data_layout(train_dataset_cfg.batch_size)
   if pod.is_writer():
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
+    epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(model_dir) / "config.gin").write_text(gin.config_str())
 
   input_shapes = _input_shapes(train_dataset_cfg)
   boxed = trainer.abstract_params(model, input_shapes)

@@ -1,7 +1,8 @@
 """Training metrics to the log, TensorBoard (tf.summary) and MODEL_DIR/metrics.jsonl.
 
 On a pod only one host writes (`enabled`, the writer); the others compute the same numbers
-and write nothing.
+and write nothing. MODEL_DIR may be a gs:// URL: object stores cannot append, so there the
+jsonl file is rewritten whole at each write (a few KB per thousand steps).
 """
 import json
 import logging
@@ -10,10 +11,28 @@ import time
 from typing import Dict
 
 import tensorflow as tf
+from etils import epath
 
 # TensorBoard's scalar-plugin tag, written with core tf.summary.write (no tensorboard package).
 _SCALAR_METADATA = tf.compat.v1.SummaryMetadata(
     plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
+class _JsonLines:
+  """A jsonl file grown line by line: appended locally, rewritten whole on object stores."""
+
+  def __init__(self, path: epath.Path):
+    self._path = path
+    self._local = "://" not in str(path)
+    self._text = "" if self._local or not path.exists() else path.read_text()
+
+  def append(self, line: str) -> None:
+    if self._local:
+      with self._path.open("a") as f:
+        f.write(line + "\n")
+      return
+    self._text += line + "\n"
+    self._path.write_text(self._text)
 
 
 class MetricsWriter:
@@ -22,7 +41,7 @@ class MetricsWriter:
   def __init__(self, model_dir: str, start_step: int, total_steps: int, enabled: bool = True):
     self._enabled = enabled
     if enabled:
-      self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")
+      self._jsonl = _JsonLines(epath.Path(model_dir) / "metrics.jsonl")
       self._summary = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
     self._start_step, self._total_steps = start_step, total_steps
     self._start_time = self._last_time = time.time()
@@ -31,8 +50,7 @@ class MetricsWriter:
   def write(self, step: int, scalars: Dict[str, float]) -> None:
     if not self._enabled:
       return
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps({"step": step, **scalars}))
     with self._summary.as_default(step=step):
       for name, value in scalars.items():
         tf.summary.write(name, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA)
@@ -53,5 +71,4 @@ class MetricsWriter:
   def close(self) -> None:
     if not self._enabled:
       return
-    self._jsonl.close()
     self._summary.close()
