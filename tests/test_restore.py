@@ -31,6 +31,12 @@ def _fresh_state(config):
   return trainer.init_train_state(model, optimizer, shapes, shardings, seed=1)
 
 
+@pytest.fixture(scope="module")
+def fresh_tiny():
+  """A fresh TrainState of the fixture's config (restoring does not change it: shared)."""
+  return _fresh_state(checkpoints.open_checkpoint(str(T5X_TINY)).config)
+
+
 def _restore(path, fresh, **kwargs):
   config = RestoreCheckpointConfig(path=str(path), **kwargs)
   return config.checkpoint_dir(), restore_from(config, config.checkpoint_dir(), fresh)
@@ -44,34 +50,32 @@ def _assert_params(restored, expected):
     np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
-def test_finetuning_restores_the_real_t5x_legacy_fixture():
+def test_finetuning_restores_the_real_t5x_legacy_fixture(fresh_tiny):
   """The msgpack file T5X wrote: params equal its arrays, its step, a fresh Adafactor state."""
   raw = flatten(serialization.msgpack_restore(T5X_TINY.read_bytes())["optimizer"]["target"])
-  fresh = _fresh_state(checkpoints.open_checkpoint(str(T5X_TINY)).config)
-  checkpoint, state = _restore(T5X_TINY, fresh, assignment_map=FINETUNE_MAP)
+  checkpoint, state = _restore(T5X_TINY, fresh_tiny, assignment_map=FINETUNE_MAP)
   assert checkpoint == str(T5X_TINY)
   _assert_params(state, raw)
   assert int(state.step) == 0
   assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), state.param_states,
-                                   fresh.param_states))
+                                   fresh_tiny.param_states))
 
 
-def test_legacy_run_dir_means_its_latest_step_and_has_no_optimizer_state(tmp_path):
-  config, params = checkpoints.load(str(T5X_TINY))
+def test_legacy_run_dir_means_its_latest_step_and_has_no_optimizer_state(tmp_path, fresh_tiny):
+  _, params = checkpoints.load(str(T5X_TINY))
   for step, scale in ((3, 2.0), (7, 3.0)):  # zarr arrays (above 1000 bytes) and inline ones
     t5x_legacy.write_t5x_legacy(str(tmp_path / f"checkpoint_{step}"),
                                 {n: v * scale for n, v in flatten(params).items()}, step,
                                 inline_max_bytes=1000)
-  fresh = _fresh_state(config)
-  checkpoint, state = _restore(tmp_path, fresh, mode="latest", assignment_map=FINETUNE_MAP)
+  checkpoint, state = _restore(tmp_path, fresh_tiny, mode="latest", assignment_map=FINETUNE_MAP)
   assert checkpoint == str(tmp_path / "checkpoint_7") and int(state.step) == 7
   _assert_params(state, {n: v * 3.0 for n, v in flatten(params).items()})
   with pytest.raises(ValueError, match=r"lacks \['state/param_states'\]"):
-    _restore(tmp_path, fresh)
+    _restore(tmp_path, fresh_tiny)
 
 
 @pytest.mark.parametrize("layout", ["ours", "t5x"])
-def test_orbax_checkpoints_restore_params_in_the_configured_dtype(tmp_path, layout):
+def test_orbax_checkpoints_restore_params_in_the_configured_dtype(tmp_path, layout, fresh_tiny):
   config, params = checkpoints.load(str(T5X_TINY))
   bf16 = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)
   if layout == "ours":
@@ -81,7 +85,7 @@ def test_orbax_checkpoints_restore_params_in_the_configured_dtype(tmp_path, layo
         step_prefix="checkpoint")) as manager:
       manager.save(5, args=ocp.args.Composite(state=ocp.args.PyTreeSave(
           {"target": bf16, "state": {"step": np.int64(5)}})))
-  checkpoint, state = _restore(tmp_path, _fresh_state(config), assignment_map=FINETUNE_MAP)
+  checkpoint, state = _restore(tmp_path, fresh_tiny, assignment_map=FINETUNE_MAP)
   assert checkpoint == str(tmp_path / "checkpoint_5") and int(state.step) == 5
   _assert_params(state, {n: np.asarray(v, np.float32) for n, v in flatten(bf16).items()})
 
