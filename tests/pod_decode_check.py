@@ -2,7 +2,7 @@
 
 For MHA, GQA-2 and MQA (8 query heads) and NUM_PARTITIONS 4 and 8: greedy and beam tokens of
 the partitioned `Predictor` and of single-device decoding (the same params on one local
-device), and how the params and caches are laid out. Prints one JSON line per case
+device), and how the params and caches are laid out; then a batch of 3 on a data axis of 8. Prints one JSON line per case
 (process 0 only, after checking that every process decoded the same tokens).
 """
 import argparse
@@ -91,6 +91,18 @@ def check(kv_heads: int, num_partitions: int) -> dict:
           "cross_cache_fully_held": _fully_held(cross_key)}
 
 
+def check_uneven_batch(kv_heads: int, rows: int) -> dict:
+  """`rows` inputs on a mesh whose data axis (all devices, num_partitions 1) does not divide
+  them: the Predictor pads the batch and returns the rows' own tokens."""
+  config = _config(kv_heads)
+  partitioned = predictor.from_host_params(EncoderDecoderModel(config), _params(config),
+                                           Partitioner(1))
+  greedy = partitioned.predict(_inputs(config.vocab_size)[:rows], DECODE_LEN)
+  return {"kv_heads": kv_heads, "rows": rows, "data_parallel_size": jax.device_count(),
+          "shape": list(greedy.shape),
+          "greedy_equal": bool((greedy == _single_device(kv_heads)[0][:rows]).all())}
+
+
 def main(argv):
   parser = argparse.ArgumentParser()
   pod.add_flags(parser)
@@ -100,6 +112,9 @@ def main(argv):
       result = check(kv_heads, num_partitions)
       if pod.is_writer():
         print("RESULT " + json.dumps(result), flush=True)
+  uneven = check_uneven_batch(2, rows=3)
+  if pod.is_writer():
+    print("UNEVEN " + json.dumps(uneven), flush=True)
 
 
 if __name__ == "__main__":

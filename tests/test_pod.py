@@ -14,9 +14,11 @@ import pytest
 import seqio
 
 from gqa_flax import checkpoints
+from gqa_flax.convert import main as convert_main
 from gqa_flax.models import t5_1_1_config
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 from tests import pod, training_task
+from test_checkpoints import hf_dir  # noqa: F401  (pytest fixture)
 from tests.test_convert import T5X_TINY
 from tests.test_training import BINDINGS, LENGTHS
 
@@ -26,6 +28,7 @@ STEPS = 6
 # gloo's all-reduce vs one process's (last bits) grows to 1e-4 in the params in six steps.
 LEARNING_RATE = ["create_learning_rate_scheduler.factors = 'constant'",
                  "create_learning_rate_scheduler.base_learning_rate = 0.01"]
+pytestmark = pytest.mark.pod  # several processes; also slow
 TIMEOUT = 300
 
 
@@ -72,6 +75,16 @@ def _expected_target_tokens(data_rows, steps):
   return [float(sum(row[step] for row in rows)) for step in range(steps)]
 
 
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+  """MODEL_DIR of a 2-step gqa-train run (one process) of the tiny MHA model: our Orbax
+  checkpoints with optimizer state, as the reproduction pre-trains them."""
+  model_dir = tmp_path_factory.mktemp("trained") / "model"
+  pod.run_single(_train_argv(model_dir, 1, steps=2, extra=["SaveCheckpointConfig.period = 2"]),
+                 TIMEOUT, devices=1)
+  return model_dir
+
+
 @pytest.mark.parametrize("num_partitions", [2, 8])
 def test_pod_training_equals_one_process(tmp_path, num_partitions):
   """NUM_PARTITIONS 2 (4 data rows, 2 per host) and 8 (the model axis spans both hosts, which
@@ -113,19 +126,24 @@ def test_pod_training_resumes_after_kill(tmp_path):
     np.testing.assert_allclose(resumed[step]["loss"], _losses(single)[step]["loss"], rtol=1e-5)
 
 
-def _decode_results(output):
-  return [json.loads(line[len("RESULT "):]) for line in output.splitlines()
-          if line.startswith("RESULT ")]
+def _decode_results(output, kind="RESULT"):
+  return [json.loads(line[len(kind) + 1:]) for line in output.splitlines()
+          if line.startswith(kind + " ")]
 
 
 def test_partitioned_decoding_equals_single_device():
   """Greedy and beam tokens of the partitioned Predictor equal single-device decoding for MHA,
   GQA-2 and MQA at NUM_PARTITIONS 4 and 8, on the pod and in one process with 8 devices;
-  sharded params and caches are not held whole by any device."""
+  sharded params and caches are not held whole by any device. A batch of 3 on a data axis of
+  8 (the reproduction's timing batch on an 8-device host once failed) decodes its own rows."""
   argv = pod.module("tests.pod_decode_check")
   job = pod.Pod(argv)
-  single = _decode_results(pod.run_single(argv, TIMEOUT).output)
-  on_pod = _decode_results(job.wait(TIMEOUT)[0].output)
+  single_output = pod.run_single(argv, TIMEOUT).output
+  pod_output = job.wait(TIMEOUT)[0].output
+  for output in (single_output, pod_output):
+    assert _decode_results(output, "UNEVEN") == [{
+        "kv_heads": 2, "rows": 3, "data_parallel_size": 8, "shape": [3, 8], "greedy_equal": True}]
+  single, on_pod = _decode_results(single_output), _decode_results(pod_output)
   for results, processes in ((single, 1), (on_pod, 2)):
     assert [(r["num_partitions"], r["kv_heads"]) for r in results] == [
         (4, 8), (4, 2), (4, 1), (8, 8), (8, 2), (8, 1)]
@@ -145,23 +163,50 @@ def test_partitioned_decoding_equals_single_device():
     assert by_case[(8, 1)]["key_kernel_fully_held"] and by_case[(8, 1)]["self_cache_fully_held"]
 
 
-def test_pod_conversion_writes_dst_once_equal_to_one_process(tmp_path):
+def _t5x_orbax_checkpoint(model_dir) -> str:
+  """The real T5X fixture's params in T5X's Orbax layout (the `state` item only), step 5."""
+  _, params = checkpoints.load(T5X_TINY)
+  with ocp.CheckpointManager(str(model_dir), options=ocp.CheckpointManagerOptions(
+      step_prefix="checkpoint")) as manager:
+    manager.save(5, args=ocp.args.Composite(state=ocp.args.PyTreeSave(
+        {"target": params, "state": {"step": np.int64(5)}})))
+  return str(model_dir / "checkpoint_5")
+
+
+def _assert_same_checkpoints(a, b):
+  config_a, params_a = checkpoints.load(str(a))
+  config_b, params_b = checkpoints.load(str(b))
+  assert config_a == config_b
+  flat_a, flat_b = (dict(ocp.tree.to_flat_dict(p)) for p in (params_a, params_b))
+  assert flat_a.keys() == flat_b.keys()
+  for name, value in flat_a.items():
+    np.testing.assert_array_equal(value, flat_b[name], err_msg=str(name))
+  return config_a
+
+
+@pytest.mark.parametrize("source", ["t5x_legacy", "ours_orbax", "t5x_orbax", "hf"])
+def test_pod_conversion_writes_dst_once_equal_to_one_process(tmp_path, source, request):
   """gqa-convert on every host: one DST (no temporary siblings left), equal array for array to
-  a single-process conversion of the real T5X legacy fixture; every host reports it."""
-  def argv(dst):
-    return pod.module("gqa_flax.convert", f"--src={T5X_TINY}", f"--dst={dst}",
-                      "--num_kv_heads=2")
-  results = pod.run_pod(argv(tmp_path / "pod"), TIMEOUT)
-  pod.run_single(argv(tmp_path / "single"), TIMEOUT, devices=1)
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["pod", "single"]
+  a single-process conversion, for every source format: the real T5X legacy fixture, our Orbax
+  checkpoint as gqa-train writes it, T5X's Orbax layout and a HF directory (the Orbax ones
+  once deadlocked: their reads waited for hosts that do not convert)."""
+  if source == "t5x_legacy":
+    src = T5X_TINY
+  elif source == "ours_orbax":
+    src = request.getfixturevalue("trained_tiny") / "checkpoint_2"
+  elif source == "t5x_orbax":
+    src = _t5x_orbax_checkpoint(tmp_path / "t5x_orbax")
+  else:
+    src = request.getfixturevalue("hf_dir")[0]
+  out = tmp_path / "out"
+  out.mkdir()
+  argv = lambda dst: pod.module("gqa_flax.convert", f"--src={src}", f"--dst={dst}",
+                                "--num_kv_heads=2")
+  results = pod.run_pod(argv(out / "pod"), TIMEOUT)
+  assert convert_main([f"--src={src}", f"--dst={out / 'single'}", "--num_kv_heads=2"]) == 0
+  assert sorted(p.name for p in out.iterdir()) == ["pod", "single"]
   assert all("wrote GQA-2 checkpoint" in r.output for r in results)
-  pod_config, pod_params = checkpoints.load(str(tmp_path / "pod"))
-  single_config, single_params = checkpoints.load(str(tmp_path / "single"))
-  assert pod_config == single_config and pod_config.num_kv_heads == 2
-  flat_pod, flat_single = (dict(ocp.tree.to_flat_dict(p)) for p in (pod_params, single_params))
-  assert flat_pod.keys() == flat_single.keys()
-  for name, value in flat_pod.items():
-    np.testing.assert_array_equal(value, flat_single[name], err_msg=str(name))
+  assert _assert_same_checkpoints(out / "pod", out / "single").num_kv_heads == 2
 
 
 def test_pod_eval_decodes_each_example_once_and_writes_one_metrics_file(tmp_path):

@@ -20,16 +20,18 @@ def _reproduce(*args, env=None):
 @pytest.fixture(scope="module")
 def smoke_run(mini_data_dir, tmp_path_factory):
   """Runs the smoke preset once (the prepare stage reuses the session's mini corpus, which
-  has the smoke preset's options)."""
-  out = tmp_path_factory.mktemp("smoke")
+  has the smoke preset's options), with a temporary directory of its own."""
+  out, tmp = tmp_path_factory.mktemp("smoke"), tmp_path_factory.mktemp("smoke_tmpdir")
   result = _reproduce("--preset", "smoke", "--out", str(out), "--data_dir", str(mini_data_dir),
-                      "--heartbeat", "60")
+                      "--heartbeat", "60", env=dict(os.environ, TMPDIR=str(tmp)))
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  return out, result
+  return out, result, tmp
 
 
+@pytest.mark.slow
 def test_smoke_table_and_figures(smoke_run):
-  out, _ = smoke_run
+  out, _, tmp = smoke_run
+  assert not [p.name for p in tmp.iterdir() if p.name.startswith("gqa_reproduce_")]  # none left
   with open(out / "table1.json") as f:
     table = json.load(f)
   preset = load_preset("smoke")
@@ -53,8 +55,9 @@ def test_smoke_table_and_figures(smoke_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_smoke_rerun_skips_done_stages_and_reruns_missing(smoke_run):
-  out, _ = smoke_run
+  out, _, _ = smoke_run
   done = out / "stages" / "fig6-timing" / "DONE.json"
   kept = out / "stages" / "evaluate" / "DONE.json"
   kept_mtime = kept.stat().st_mtime

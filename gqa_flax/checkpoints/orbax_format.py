@@ -76,21 +76,33 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
               for ty in (int, float, bytes, np.number, np.ndarray, jax.Array, str)]
   registry = type_handler_registry.create_type_handler_registry(
       (LazyArray, LazyArrayHandler()), *defaults)
-  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
+                                     multiprocessing_options=_alone())
+
+
+def _alone() -> ocp.options.MultiprocessingOptions:
+  """Orbax options for work this process does by itself: on a pod one host converts (reads and
+  writes host-held arrays), so Orbax must not wait for the others at its barriers."""
+  return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                            active_processes={jax.process_index()})
+
+
+def _pytree_checkpointer() -> ocp.Checkpointer:
+  """A PyTree checkpointer for this process alone (metadata and host-side reads)."""
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=_alone()),
+                          multiprocessing_options=_alone())
 
 
 def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
-  """A manager that this process uses alone: on a pod one host writes host-held arrays (the
-  converter's), so Orbax must not wait for the others."""
-  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                             active_processes={jax.process_index()})
+  """A manager that this process uses alone (see `_alone`)."""
+  alone = _alone()
   directory = paths.absolute(directory)
   epath.Path(directory).mkdir(parents=True, exist_ok=True)  # Orbax won't, for one process
   return ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(
           step_prefix=STEP_PREFIX, multiprocessing_options=alone, create=False),
-      item_handlers={STATE_ITEM: _state_handler(), CONFIG_ITEM: ocp.JsonCheckpointHandler(),
-                     METADATA_ITEM: ocp.JsonCheckpointHandler()})
+      item_handlers={STATE_ITEM: _state_handler(), CONFIG_ITEM: ocp.JsonCheckpointHandler(multiprocessing_options=alone),
+                     METADATA_ITEM: ocp.JsonCheckpointHandler(multiprocessing_options=alone)})
 
 
 def save(directory: str, step: int, params: Dict[str, Any], config: T5Config,
@@ -122,7 +134,8 @@ def step_dir(path: str) -> Optional[str]:
 def _read_json(directory: str) -> Optional[dict]:
   if not epath.Path(directory).is_dir():
     return None
-  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(directory)
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler(multiprocessing_options=_alone()),
+                          multiprocessing_options=_alone()).restore(directory)
 
 
 def _leaf_reader(state_dir: str, name: str, metadata) -> LazyArray:
@@ -132,7 +145,7 @@ def _leaf_reader(state_dir: str, name: str, metadata) -> LazyArray:
   def read():
     item = unflatten({"/".join(keys): 0})
     restore_args = unflatten({"/".join(keys): ocp.RestoreArgs(restore_type=np.ndarray)})
-    tree = ocp.PyTreeCheckpointer().restore(
+    tree = _pytree_checkpointer().restore(
         state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                 partial_restore=True))
     for key in keys:
@@ -146,7 +159,7 @@ def open_orbax(path: str) -> Tuple[Optional[T5Config], Dict[str, LazyArray], int
   """(config or None for T5X's, {name: LazyArray}, step, metadata) of an Orbax checkpoint."""
   directory = paths.absolute(step_dir(path))  # Orbax needs absolute paths.
   state_dir = os.path.join(directory, STATE_ITEM)
-  tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  tree = _pytree_checkpointer().metadata(state_dir).item_metadata.tree
   if PARAMS_KEY not in tree:
     raise ValueError(f"{state_dir}: no '{PARAMS_KEY}' (parameters) in the Orbax state item")
   arrays = {name: _leaf_reader(state_dir, name, leaf)

@@ -98,8 +98,14 @@ def run_stage(plan: Plan, stage: Stage, heartbeat: float, index: int = 0,
               pod_flags: Optional[dict] = None) -> dict:
   """Runs `stage`'s command (on every host of a pod); writes and returns its DONE record;
   raises StageError on every host when it failed on any."""
+  with tempfile.TemporaryDirectory(prefix="gqa_reproduce_") as local_dir:
+    return _run_stage(plan, stage, heartbeat, index, pod_flags, os.path.join(local_dir, LOG))
+
+
+def _run_stage(plan: Plan, stage: Stage, heartbeat: float, index: int,
+               pod_flags: Optional[dict], local_log: str) -> dict:
+  """`run_stage` with this host's log in the temporary file `local_log`."""
   directory = epath.Path(plan.stage_dir(stage.name))
-  local_log = os.path.join(tempfile.mkdtemp(prefix="gqa_reproduce_"), LOG)
   start = time.time()
   code = 0
   if pod.is_writer() or not stage.writer_only:
@@ -112,9 +118,10 @@ def run_stage(plan: Plan, stage: Stage, heartbeat: float, index: int = 0,
     log.write_text(epath.Path(local_log).read_text())
   if any(codes):
     failed = [i for i, c in enumerate(codes) if c]
+    last = _last_line(local_log) if os.path.exists(local_log) else ""
     raise StageError(f"stage {stage.name} failed (exit {codes[failed[0]]} on process "
                      f"{failed[0]} of {len(codes)}) after {_fmt(time.time() - start)}: "
-                     f"{_last_line(local_log)[:300]} -- full log: {log}")
+                     f"{last[:300]} -- full log: {log}")
   record = None
   if pod.is_writer():
     result = json.loads(epath.Path(stage.result).read_text()) if stage.result else None

@@ -48,6 +48,14 @@ def _global(array: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def _pad_rows(inputs: np.ndarray, multiple: int) -> np.ndarray:
+  """int32 `inputs` [batch, length] with copies of its first row appended up to a multiple of
+  `multiple` rows (the data axis must divide the batch; callers drop the copies' outputs)."""
+  inputs = np.asarray(inputs, np.int32)
+  missing = -inputs.shape[0] % multiple
+  return np.concatenate([inputs, np.repeat(inputs[:1], missing, axis=0)]) if missing else inputs
+
+
 def _to_host(array: jax.Array) -> np.ndarray:
   """The whole of a global array, on every host."""
   if array.is_fully_addressable:
@@ -111,13 +119,13 @@ class Predictor:
   def predict(self, inputs: np.ndarray, max_decode_length: int, beam_size: int = 1,
               alpha: float = 0.6, eos_id: int = 1) -> np.ndarray:
     """Tokens [batch, max_decode_length] of inputs int32 [batch, inputs_len] (the same global
-    batch on every host; batch divisible by the data-parallel size): greedy, or the best beam
-    of beam search with length penalty `alpha`. Tokens after EOS are 0."""
-    self.partitioner.check_batch_size(inputs.shape[0])
+    batch on every host): greedy, or the best beam of beam search with length penalty
+    `alpha`. Tokens after EOS are 0. A batch that the data-parallel size does not divide is
+    padded with copies of its first row, whose tokens are dropped."""
     decode = self._decoder(max_decode_length, beam_size, alpha, eos_id)
-    tokens = decode(self.params, _global(np.asarray(inputs, np.int32),
-                                         self.partitioner.batch_sharding()))
-    return _to_host(tokens)
+    padded = _pad_rows(inputs, self.partitioner.data_parallel_size)
+    tokens = decode(self.params, _global(padded, self.partitioner.batch_sharding()))
+    return _to_host(tokens)[:len(inputs)]
 
   def decode_cache(self, inputs: np.ndarray, max_decode_length: int) -> Any:
     """The decode cache of `inputs` as `predict` lays it out (global arrays), for inspection."""
