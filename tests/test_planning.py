@@ -158,6 +158,7 @@ def run_plan(*args):
                         capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_cli_plans_tiny_and_fails_in_one_line():
   result = run_plan("--gin_file=models/t5_1_1/tiny.gin", "--topology=v4-8",
                     "--gin.NUM_PARTITIONS=2", f"--gin.TASK_FEATURE_LENGTHS={{'inputs': {INPUTS}, "

@@ -4,6 +4,7 @@ read from gs:// URLs on the local GCS server (tests/gcs_server.py), every stage 
 hosts, and table1.json's scores equal those of the same run in one process with 8 devices."""
 import json
 
+import pytest
 from etils import epath
 
 from gqa_flax.checkpoints import load_checkpoint, t5x_legacy
@@ -11,6 +12,7 @@ from gqa_flax.checkpoints.arrays import flatten
 from tests import pod
 from tests.test_convert import T5X_TINY
 
+pytestmark = pytest.mark.pod  # several processes; also slow
 TIMEOUT = 600
 
 

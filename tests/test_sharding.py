@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # one 8-device subprocess, ~20-30 s
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -78,6 +78,7 @@ def legacy_on_gcs(gcs_server, tmp_path_factory):
           str(local): _upload(local, f"{root}/run/checkpoint_0")}
 
 
+@pytest.mark.slow
 def test_gcs_legacy_checkpoints_convert_to_gcs_like_local_ones(legacy_on_gcs, tmp_path):
   """gs:// SRC (msgpack file; zarr arrays read through the gcs kvstore) -> gs:// DST equals
   the local conversion; the DST step is committed (commit_success.txt), nothing left beside."""
@@ -157,6 +158,7 @@ def test_trainer_checkpointer_saves_restores_and_rotates_on_gcs(gcs_server):
   assert restore.checkpoint_dir() == f"{model_dir}/checkpoint_2"
 
 
+@pytest.mark.slow
 def test_training_writes_model_dir_on_gs(gcs_server):
   """gqa-train with MODEL_DIR on gs://: config.gin, metrics.jsonl (each step once) and the
   Orbax checkpoints land in the bucket."""

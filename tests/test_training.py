@@ -66,6 +66,7 @@ def uninterrupted(tmp_path_factory):
   return model_dir, out.stderr
 
 
+@pytest.mark.slow
 def test_tiny_run_lowers_loss_and_logs(uninterrupted):
   model_dir, log = uninterrupted
   metrics = _metrics(model_dir)
@@ -80,6 +81,7 @@ def test_tiny_run_lowers_loss_and_logs(uninterrupted):
   assert os.listdir(os.path.join(model_dir, "train"))  # TensorBoard event file
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_params(uninterrupted, tmp_path):
   model_dir = str(tmp_path / "killed")
   args, env = _cli(model_dir)
@@ -112,6 +114,7 @@ def _parse(files, bindings):
   gin_utils.parse_gin(files, bindings)
 
 
+@pytest.mark.slow
 def test_uptrain_restores_converted_checkpoint_with_fresh_optimizer(tmp_path):
   original_steps, alpha = 40, 0.05
   config = t5_1_1_config("tiny", dtype="float32", vocab_size=training_task.VOCAB_SIZE,
