@@ -15,9 +15,10 @@ $(VENV)/.installed: setup.py constraints.txt
 install: $(VENV)/.installed
 
 # Test files are spread over TEST_WORKERS processes (pytest-xdist; a file's tests stay together,
-# so its fixtures are built once). JAX's compilation cache: tests/conftest.py.
+# so its fixtures are built once), longest files first (tests/conftest.py, which also turns on
+# JAX's compilation cache).
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The whole suite (CI); the 15 slowest tests are listed at the end, so a slower suite is seen.
 test: $(VENV)/.installed

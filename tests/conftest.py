@@ -22,6 +22,19 @@ for _name, _value in (("JAX_COMPILATION_CACHE_DIR", _compilation_cache_dir()),
   os.environ.setdefault(_name, _value)
 
 
+# The files that take longest (measured: the smoke reproduction, the paper preset on the pod,
+# the pod tests), run first so that the suite does not end with one of them alone on one
+# worker (make test passes --no-loadscope-reorder, which keeps this order).
+LONGEST_FIRST = ("test_reproduce.py", "test_pod_reproduce.py", "test_pod.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = os.path.basename(str(item.fspath))
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+  items.sort(key=rank)  # stable: the other files keep their order
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: over ~20 s on a 2-core machine (make test-fast "
                           "leaves it out)")
