@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: over ~20 s on a 2-core machine (make test-fast "
+  config.addinivalue_line("markers", "slow: over ~15 s on a 2-core machine (make test-fast "
                           "leaves it out)")
   config.addinivalue_line("markers", "pod: starts a simulated pod of several processes "
                           "(make test-fast leaves it out)")

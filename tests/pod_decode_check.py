@@ -2,8 +2,9 @@
 
 For MHA, GQA-2 and MQA (8 query heads) and NUM_PARTITIONS 4 and 8: greedy and beam tokens of
 the partitioned `Predictor` and of single-device decoding (the same params on one local
-device), and how the params and caches are laid out; then a batch of 3 on a data axis of 8. Prints one JSON line per case
-(process 0 only, after checking that every process decoded the same tokens).
+device), and how the params and caches are laid out; then a batch of 3 on a data axis of 8.
+Prints one JSON line per case (process 0 only, after checking that every process decoded the
+same tokens).
 """
 import argparse
 import functools

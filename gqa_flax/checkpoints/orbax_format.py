@@ -101,7 +101,8 @@ def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(
           step_prefix=STEP_PREFIX, multiprocessing_options=alone, create=False),
-      item_handlers={STATE_ITEM: _state_handler(), CONFIG_ITEM: ocp.JsonCheckpointHandler(multiprocessing_options=alone),
+      item_handlers={STATE_ITEM: _state_handler(),
+                     CONFIG_ITEM: ocp.JsonCheckpointHandler(multiprocessing_options=alone),
                      METADATA_ITEM: ocp.JsonCheckpointHandler(multiprocessing_options=alone)})
 
 
