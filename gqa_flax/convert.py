@@ -4,11 +4,12 @@
               [--method mean|first|random] [--seed N] [--dtype float32|bfloat16] [--overwrite]
 """
 import argparse
+import signal
 import sys
 
 import jax
 
-from gqa_flax import pod
+from gqa_flax import errors, pod
 from gqa_flax.checkpoints.convert import DTYPES, METHODS, convert_checkpoint
 
 _POD_WAIT_MS = 24 * 3_600_000  # the other hosts wait up to a day (XXL from gs:// is hours)
@@ -54,14 +55,17 @@ def main(argv=None) -> int:
   outcome, so DST is written once and every host exits alike."""
   args = parse_args(argv)
   outcome = {}
+  signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleaned up like Ctrl-C
   try:
     pod.initialize(**pod.flags_of(args))
     jax.devices()  # every host: starting the backend of a pod is itself a collective step
     if pod.is_writer():
       outcome = {"ok": _convert(args)}
   except (ValueError, OSError) as e:
-    # gin appends the configurable's name on a second line.
-    outcome = {"error": str(e).splitlines()[0]}
+    outcome = {"error": errors.one_line(e)}
+  except KeyboardInterrupt:
+    outcome = {"error": f"interrupted; {args.dst} was not written (nothing was left behind), "
+                        "rerun the command to convert"}
   except Exception as e:  # a bug: the other hosts must not wait for ever; then the traceback
     pod.broadcast("convert/outcome", {"error": f"conversion failed on process 0: {e!r}"})
     raise

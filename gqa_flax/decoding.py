@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from gqa_flax import errors
 from gqa_flax.kernels import panel_matmul, plugin
 from gqa_flax.models import Transformer
 
@@ -70,8 +71,9 @@ def _panels_if(model: Transformer, params: PyTree, cpu_kernels: bool) -> Optiona
   if not cpu_kernels:
     return None
   if jnp.dtype(model.config.dtype) != jnp.float32:
-    raise ValueError(f"cpu_kernels=True needs a float32 model, got dtype={model.config.dtype}; "
-                     "pass cpu_kernels=False")
+    raise errors.UserError(
+        f"cpu_kernels=True needs a float32 model, got dtype={model.config.dtype}; "
+        "pass cpu_kernels=False")
   return kernel_panels(params)
 
 

@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import jax
 
+from gqa_flax import errors
+
 _TIMEOUT_MS = 3_600_000  # a barrier waits up to an hour (a stage's conversion at XXL)
 _uses = collections.Counter()  # every process passes the same barriers in the same order
 
@@ -69,11 +71,11 @@ def initialize(multiprocess_gpu: bool = False, coordinator_address: Optional[str
     return
   if multiprocess_gpu or coordinator_address:
     if coordinator_address is None or process_count is None or process_index is None:
-      raise ValueError("--multiprocess_gpu needs --coordinator_address=HOST:PORT, "
-                       "--process_count=N and --process_index=I")
+      raise errors.UserError("--multiprocess_gpu needs --coordinator_address=HOST:PORT, "
+                             "--process_count=N and --process_index=I")
     if not 0 <= process_index < process_count:
-      raise ValueError(f"--process_index={process_index} must be in [0, --process_count="
-                       f"{process_count})")
+      raise errors.UserError(f"--process_index={process_index} must be in [0, --process_count="
+                             f"{process_count})")
     if _cpu_backend():
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, process_count, process_index)

@@ -602,7 +602,8 @@ def test_missing_vocabulary_is_named_only_when_used(monkeypatch, tmp_path):
 def test_vocabulary_path_precedence_gin_flag_environment_default(
     monkeypatch):
   monkeypatch.delenv(vocab.VOCAB_PATH_ENV, raising=False)
-  assert vocab.vocabulary_path() == vocab.DEFAULT_VOCAB_PATH
+  assert vocab.vocabulary_path() is None
+  assert vocab.get_vocabulary().sentencepiece_model_file == vocab.DEFAULT_VOCAB_PATH
   monkeypatch.setenv(vocab.VOCAB_PATH_ENV, "/from/env.model")
   assert vocab.get_vocabulary().sentencepiece_model_file == "/from/env.model"
   with flagsaver.flagsaver(gqa_vocab_path="/from/flag.model"):

@@ -172,8 +172,8 @@ def test_cli_plans_tiny_and_fails_in_one_line():
     assert line in result.stdout
   bad = run_plan("--gin_file=models/t5_1_1/tiny.gin", "--topology=v4-7")
   assert bad.returncode != 0
-  assert bad.stderr.strip().splitlines()[-1].startswith("gqa-plan: unknown TPU slice 'v4-7'; "
-                                                        "choose one of v3-8, ")
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      "gqa-plan: error: unknown TPU slice 'v4-7'; choose one of v3-8, ")
 
 
 def test_missing_libtpu_is_one_line():
@@ -183,4 +183,4 @@ def test_missing_libtpu_is_one_line():
                           timeout=300, check=False)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
-      'gqa-plan: libtpu is not installed; pip install -c constraints.txt -e ".[tpu]"')
+      'gqa-plan: error: libtpu is not installed; pip install -c constraints.txt -e ".[tpu]"')

@@ -12,16 +12,19 @@ Streaming: each array is read, converted and written on its own, in row blocks o
 `arrays.BLOCK_BYTES` where its reader can read blocks (`LazyArray`s written by Orbax through
 `orbax_format.LazyArrayHandler`), so memory is bounded by a few blocks (a few of the largest
 arrays for sources read whole), not by the checkpoint. SRC and DST may be local or URLs
-(`gs://`). A local DST is written to a temporary sibling and renamed at the end; a URL DST is
+(`gs://`). A local DST is written to a temporary sibling `DST.tmp-<host>-<pid>` and renamed at
+the end (a later conversion removes the siblings of writers that died); a URL DST is
 written in place (object stores have no directory rename), where Orbax commits the step with
 its commit_success.txt last and every reader here and in Orbax skips a step without it, so an
 interrupted conversion never looks complete.
 Optimizer state is not carried over (uptraining restarts it, as T5X's sparse upcycling does).
 """
+import glob
 import itertools
 import os
 import re
 import shutil
+import socket
 import zlib
 from typing import Callable, Dict, Optional
 
@@ -33,6 +36,7 @@ from etils import epath
 from flax.linen import meta
 from tqdm import tqdm
 
+from gqa_flax import errors
 from gqa_flax.checkpoints import orbax_format, paths
 from gqa_flax.checkpoints.arrays import LazyArray, mapped, unflatten
 from gqa_flax.checkpoints.reader import CheckpointSource, open_checkpoint
@@ -81,8 +85,9 @@ def _converted(name: str, array: LazyArray, config: T5Config, num_kv_heads: int,
   """The LazyArray of the GQA kernel made from the multi-head kernel `array`."""
   source_heads = array.shape[1] // config.head_dim
   if source_heads % num_kv_heads:
-    raise ValueError(f"{name} has {source_heads} key/value heads, which {num_kv_heads} groups "
-                     f"do not divide")
+    raise errors.UserError(
+        f"{name} has {source_heads} key/value heads, which {num_kv_heads} groups "
+        f"do not divide")
   shape = (array.shape[0], num_kv_heads * config.head_dim)
   if method == "random":
     return LazyArray(shape, array.dtype,
@@ -103,9 +108,9 @@ def convert_arrays(source: CheckpointSource, num_kv_heads: int,
                    dtype: Optional[str] = None):
   """(GQA T5Config, {name: LazyArray}) of `source` converted; nothing is read yet."""
   if method not in METHODS:
-    raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    raise errors.UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
   if dtype is not None and dtype not in DTYPES:
-    raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    raise errors.UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
   cross = num_kv_heads if cross_num_kv_heads is None else cross_num_kv_heads
   config = source.config.replace(num_kv_heads=num_kv_heads, cross_num_kv_heads=cross)
   arrays = {}
@@ -138,6 +143,33 @@ def _with_progress(arrays: Dict[str, LazyArray], bar: tqdm) -> Dict[str, LazyArr
   return {name: tracked(array) for name, array in arrays.items()}
 
 
+def _temporary_sibling(dst: str) -> str:
+  """Where this process writes a local DST before renaming it: `DST.tmp-<host>-<pid>`."""
+  return f"{dst}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
+
+
+def remove_stale_temporaries(dst: str) -> list:
+  """Removes the temporary siblings of DST whose writer, a process of this host, is dead (a
+  conversion killed by SIGKILL or a crash); returns their paths."""
+  stale = []
+  for path in glob.glob(f"{glob.escape(dst)}.tmp-*"):
+    match = re.fullmatch(rf"{re.escape(dst)}\.tmp-(.+)-(\d+)", path)
+    if match and match.group(1) == socket.gethostname() and not _alive(int(match.group(2))):
+      shutil.rmtree(path, ignore_errors=True)
+      stale.append(path)
+  return stale
+
+
 def _write_committed(dst: str, write: Callable[[str], None]) -> None:
   """`write(directory)` so that DST never looks complete before it is; replaces DST."""
   if paths.is_url(dst):  # In place: Orbax commits the step last (commit_success.txt).
@@ -145,8 +177,8 @@ def _write_committed(dst: str, write: Callable[[str], None]) -> None:
       epath.Path(dst).rmtree()
     write(dst)
     return
-  tmp = f"{dst}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
+  remove_stale_temporaries(dst)
+  tmp = _temporary_sibling(dst)
   try:
     write(tmp)
     if os.path.exists(dst):
@@ -168,7 +200,7 @@ def convert_checkpoint(src: str, dst: str, num_kv_heads: int,
   if epath.Path(dst_abs).exists() and not overwrite:
     raise FileExistsError(f"DST {dst} exists; pass --overwrite to replace it")
   if (dst_abs + os.sep).startswith(src_abs + os.sep) or (src_abs + os.sep).startswith(dst_abs + os.sep):
-    raise ValueError(f"DST {dst} overlaps SRC {src}; the source is never modified")
+    raise errors.UserError(f"DST {dst} overlaps SRC {src}; the source is never modified")
   source = open_checkpoint(src)
   config, arrays = convert_arrays(source, num_kv_heads, cross_num_kv_heads, method, seed, dtype)
   step = source.step or 0

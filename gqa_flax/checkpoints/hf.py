@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from gqa_flax import errors
 from gqa_flax.checkpoints.arrays import Index, LazyArray
 from gqa_flax.models.config import T5Config
 
@@ -48,8 +49,8 @@ def config_from_hf(hf: dict) -> T5Config:
   """T5Config from a HF T5 `config.json` dict."""
   proj = hf.get("feed_forward_proj", "relu")
   if proj not in _ACTIVATIONS:
-    raise ValueError(f"feed_forward_proj={proj!r} is not supported; expected one of "
-                     f"{sorted(_ACTIVATIONS)}")
+    raise errors.UserError(f"feed_forward_proj={proj!r} is not supported; expected one of "
+                           f"{sorted(_ACTIVATIONS)}")
   layers = hf["num_layers"]
   return T5Config(
       vocab_size=hf["vocab_size"], emb_dim=hf["d_model"], num_heads=hf["num_heads"],
@@ -94,7 +95,7 @@ def safetensors_arrays(filename: str) -> Dict[str, LazyArray]:
   arrays = {}
   for name, info in header.items():
     if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{filename}: tensor {name} has unsupported dtype {info['dtype']}")
+      raise errors.UserError(f"{filename}: tensor {name} has unsupported dtype {info['dtype']}")
     dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
     arrays[name] = _stored_tensor(filename, 8 + header_len + info["data_offsets"][0],
                                   tuple(info["shape"]), dtype)
@@ -137,7 +138,7 @@ def _t5x_name(hf_name: str) -> Tuple[str, bool]:
     return f"{prefix}/{kinds[sublayer]}/{_ATTENTION[rest[-1]]}/kernel", True
   if rest[-1] in _MLP:
     return f"{prefix}/mlp/{rest[-1]}/kernel", True
-  raise ValueError(f"unexpected tensor {hf_name!r} in a HF T5 checkpoint")
+  raise errors.UserError(f"unexpected tensor {hf_name!r} in a HF T5 checkpoint")
 
 
 def open_hf(path: str) -> Tuple[T5Config, Dict[str, LazyArray]]:

@@ -31,6 +31,7 @@ import tensorstore as ts
 from etils import epath
 from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
 
+from gqa_flax import errors
 from gqa_flax.checkpoints import paths
 from gqa_flax.checkpoints.arrays import LazyArray, flatten, unflatten
 from gqa_flax.models.config import T5Config, config_from_dict, config_to_dict
@@ -162,7 +163,7 @@ def open_orbax(path: str) -> Tuple[Optional[T5Config], Dict[str, LazyArray], int
   state_dir = os.path.join(directory, STATE_ITEM)
   tree = _pytree_checkpointer().metadata(state_dir).item_metadata.tree
   if PARAMS_KEY not in tree:
-    raise ValueError(f"{state_dir}: no '{PARAMS_KEY}' (parameters) in the Orbax state item")
+    raise errors.UserError(f"{state_dir}: no '{PARAMS_KEY}' (parameters) in the Orbax state item")
   arrays = {name: _leaf_reader(state_dir, name, leaf)
             for name, leaf in flatten(tree[PARAMS_KEY]).items()}
   config = _read_json(os.path.join(directory, CONFIG_ITEM))

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from gqa_flax import errors
 from gqa_flax.checkpoints import hf, orbax_format, paths, t5x_legacy
 from gqa_flax.checkpoints.arrays import LazyArray, unflatten
 from gqa_flax.checkpoints.shapes import check_shapes, config_from_shapes
@@ -62,7 +63,7 @@ def open_checkpoint(path: str) -> CheckpointSource:
   """Detects the format of `path` and lists its parameters; checks names and shapes."""
   checkpoint = resolve(path)
   if checkpoint is None:
-    raise ValueError(
+    raise errors.UserError(
         f"{path} is not a recognised checkpoint: expected an Orbax checkpoint directory, a T5X "
         f"checkpoint_<step> directory (or its msgpack file), a HF T5 directory with "
         f"{hf.CONFIG_FILE} and {hf.WEIGHTS_FILE}, or a directory of checkpoint_<step> ones")

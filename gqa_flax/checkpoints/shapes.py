@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
+from gqa_flax import errors
 from gqa_flax.checkpoints.arrays import flatten
 from gqa_flax.models.config import T5Config
 from gqa_flax.models.t5 import Transformer
@@ -29,11 +30,11 @@ def check_shapes(config: T5Config, shapes: Mapping[str, Tuple[int, ...]], source
   expected = expected_shapes(config)
   missing = sorted(set(expected) - set(shapes))
   if missing:
-    raise ValueError(f"{source}: missing arrays {missing}")
+    raise errors.UserError(f"{source}: missing arrays {missing}")
   wrong = [f"{name} {tuple(shapes[name])} (expected {shape})"
            for name, shape in expected.items() if tuple(shapes[name]) != shape]
   if wrong:
-    raise ValueError(f"{source}: mis-shaped arrays: {'; '.join(wrong)}")
+    raise errors.UserError(f"{source}: mis-shaped arrays: {'; '.join(wrong)}")
 
 
 def _num_layers(shapes: Mapping[str, tuple], stack: str) -> int:
@@ -46,7 +47,7 @@ def config_from_shapes(shapes: Mapping[str, Tuple[int, ...]], source: str, **ove
   """The T5Config whose parameters have these shapes (T5X checkpoints store no config)."""
   def shape(name):
     if name not in shapes:
-      raise ValueError(f"{source}: missing array {name}")
+      raise errors.UserError(f"{source}: missing array {name}")
     return shapes[name]
 
   vocab_size, emb_dim = shape("token_embedder/embedding")
@@ -60,8 +61,9 @@ def config_from_shapes(shapes: Mapping[str, Tuple[int, ...]], source: str, **ove
     name = f"decoder/layers_0/{kind}/key/kernel"
     heads, rest = divmod(shape(name)[1], head_dim)
     if rest or not heads or num_heads % heads:
-      raise ValueError(f"{source}: mis-shaped array {name} {tuple(shape(name))}: its width is not "
-                       f"head_dim={head_dim} times a divisor of num_heads={num_heads}")
+      raise errors.UserError(
+          f"{source}: mis-shaped array {name} {tuple(shape(name))}: its width is not "
+          f"head_dim={head_dim} times a divisor of num_heads={num_heads}")
     return heads
 
   fields = dict(

@@ -23,6 +23,7 @@ import tensorstore as ts
 from etils import epath
 from flax import serialization
 
+from gqa_flax import errors
 from gqa_flax.checkpoints import paths
 from gqa_flax.checkpoints.arrays import LazyArray, flatten, in_memory, unflatten
 
@@ -108,7 +109,7 @@ def _zarr_array(spec: Dict[str, Any], checkpoint_dir: str) -> LazyArray:
 
   def open_store():
     if not epath.Path(directory).is_dir():
-      raise FileNotFoundError(f"TensorStore array directory {directory} is missing")
+      raise errors.MissingPathError(f"TensorStore array directory {directory} is missing")
     return ts.open(spec, open=True, assume_metadata=True).result()
 
   array = LazyArray(shape, dtype, lambda: open_store().read().result(),
@@ -129,7 +130,8 @@ def read_tree(path: str) -> dict:
   """The whole msgpack tree of a legacy checkpoint; TensorStore arrays become LazyArrays."""
   filename = msgpack_file(path)
   if filename is None:
-    raise ValueError(f"{path} is not a legacy T5X checkpoint (no msgpack file {CHECKPOINT_FILE!r})")
+    raise errors.UserError(
+        f"{path} is not a legacy T5X checkpoint (no msgpack file {CHECKPOINT_FILE!r})")
   with epath.Path(filename).open("rb") as f:
     tree = serialization.msgpack_restore(f.read())
   checkpoint_dir = os.path.dirname(paths.absolute(filename))

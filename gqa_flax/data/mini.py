@@ -93,11 +93,13 @@ def vocabulary_file(root=None) -> pathlib.Path:
 
 
 class MiniVocabulary(vocab.LazyPathVocabulary):
-  """The prepared mini vocabulary (+100 extra ids), located at first use."""
+  """The prepared mini vocabulary (+100 extra ids), located at first use; a vocabulary the
+  user set (gin, --gqa_vocab_path, GQA_VOCAB_PATH: `vocab.vocabulary_path`) replaces it."""
 
   @property
   def sentencepiece_model_file(self):
-    return self._sentencepiece_model_file or str(vocabulary_file())
+    return (self._sentencepiece_model_file or vocab.vocabulary_path()
+            or str(vocabulary_file()))
 
 
 def _read_corpus(split, shuffle_files, seed=None, *, corpus):

@@ -27,6 +27,7 @@ import gin
 import seqio
 import tensorflow as tf
 
+from gqa_flax import errors
 from gqa_flax.data import vocab
 
 NOISE_DENSITY = 0.15
@@ -263,7 +264,7 @@ def span_corruption(dataset, sequence_length, output_features,
       extra_tokens_per_span_inputs=1,
       extra_tokens_per_span_targets=1)
   if sequence_length["targets"] < targets_length:
-    raise ValueError(
+    raise errors.UserError(
         f"Span corruption of inputs length {sequence_length['inputs']} needs "
         f"targets length >= {targets_length}, got {sequence_length['targets']}.")
   dataset = select_random_chunk(dataset, max_length=MAX_DOCUMENT_TOKENS)

@@ -23,6 +23,7 @@ import gin
 import seqio
 import tensorflow as tf
 
+from gqa_flax import errors
 from gqa_flax.data import vocab
 from gqa_flax.evaluation import metrics
 
@@ -64,7 +65,7 @@ class PreparedTfdsDataSource(seqio.TfdsDataSource):
     builder = self.tfds_dataset.builder
     if not builder.is_prepared():
       name = self.tfds_dataset.name
-      raise FileNotFoundError(
+      raise errors.MissingPathError(
           f"TFDS dataset {name} is not prepared in {builder.data_dir_root}: "
           f"run `tfds build {name} --data_dir={builder.data_dir_root}`, or "
           "pass --tfds_data_dir "
@@ -214,12 +215,12 @@ def mediasum_files():
             f"it with ${MEDIASUM_DIR_ENV} or gin "
             "`gqa_flax.data.tasks.mediasum_dir.path`")
   if not directory:
-    raise FileNotFoundError(f"MediaSum directory not set: {how_to}.")
+    raise errors.MissingPathError(f"MediaSum directory not set: {how_to}.")
   paths = [os.path.join(directory, f) for f in MEDIASUM_FILES]
   missing = [f for f, p in zip(MEDIASUM_FILES, paths) if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(f"MediaSum file(s) {', '.join(missing)} missing "
-                            f"in {directory}: {how_to}.")
+    raise errors.MissingPathError(f"MediaSum file(s) {', '.join(missing)} missing "
+                                  f"in {directory}: {how_to}.")
   return paths
 
 

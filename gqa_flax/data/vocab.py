@@ -2,9 +2,10 @@
 
 Its file is looked up when the vocabulary is first used, not when a task is
 registered, so registering tasks never needs the file. The path comes from, in
-order: gin (`gqa_flax.data.vocab.vocabulary_path.path = "..."`), the flag
-`--gqa_vocab_path`, the environment variable `GQA_VOCAB_PATH`, else T5's public
-`gs://t5-data/vocabs/cc_all.32000/sentencepiece.model`.
+order: gin (`vocabulary_path.path = "..."`), the flag `--gqa_vocab_path`, the
+environment variable `GQA_VOCAB_PATH`, else T5's public
+`gs://t5-data/vocabs/cc_all.32000/sentencepiece.model` (the mini tasks: the
+prepared mini vocabulary).
 """
 import os
 
@@ -12,6 +13,8 @@ from absl import flags
 import gin
 import seqio
 import tensorflow as tf
+
+from gqa_flax import errors
 
 DEFAULT_VOCAB_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 EXTRA_IDS = 100
@@ -22,20 +25,18 @@ _VOCAB_PATH_FLAG = flags.DEFINE_string(
     f"SentencePiece model of the T5 vocabulary (default: ${VOCAB_PATH_ENV} or "
     f"{DEFAULT_VOCAB_PATH}).")
 
-_HOW_TO_SET = (f"set it with gin `gqa_flax.data.vocab.vocabulary_path.path = "
-               f"\"/path/sentencepiece.model\"`, the flag --gqa_vocab_path or "
-               f"the environment variable {VOCAB_PATH_ENV}")
+_HOW_TO_SET = (f"set it with --gin.vocabulary_path.path=\"'/path/sentencepiece.model'\", "
+               f"the flag --gqa_vocab_path=/path/sentencepiece.model or the environment "
+               f"variable {VOCAB_PATH_ENV}")
 
 
 @gin.configurable
 def vocabulary_path(path=None):
-  """The SentencePiece model file: gin `path`, flag, environment or default."""
+  """The SentencePiece model file a user set: gin `path`, the flag, the environment, or None."""
   if path:
     return path
   flag_value = flags.FLAGS[_VOCAB_PATH_FLAG.name].value  # None until parsed.
-  if flag_value:
-    return flag_value
-  return os.environ.get(VOCAB_PATH_ENV) or DEFAULT_VOCAB_PATH
+  return flag_value or os.environ.get(VOCAB_PATH_ENV) or None
 
 
 class LazyPathVocabulary(seqio.SentencePieceVocabulary):
@@ -46,19 +47,19 @@ class LazyPathVocabulary(seqio.SentencePieceVocabulary):
 
   @property
   def sentencepiece_model_file(self):
-    return self._sentencepiece_model_file or vocabulary_path()
+    return self._sentencepiece_model_file or vocabulary_path() or DEFAULT_VOCAB_PATH
 
   def _model_context(self):
     if self._model is None:
       path = self.sentencepiece_model_file
       if "://" not in path and not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise errors.MissingPathError(
             f"SentencePiece vocabulary not found at {path}; {_HOW_TO_SET}.")
       self._sentencepiece_model_file = path
       try:
         return super()._model_context()
       except tf.errors.NotFoundError as e:
-        raise FileNotFoundError(
+        raise errors.MissingPathError(
             f"SentencePiece vocabulary not readable at {path} ({e.message}); "
             f"{_HOW_TO_SET}.") from e
     return self._model

@@ -15,6 +15,8 @@ from typing import Any, Optional, Sequence
 import gin
 import jax.numpy as jnp
 
+from gqa_flax import errors
+
 # T5X `t5_1_1/{size}.gin`: emb_dim, num_heads, head_dim, mlp_dim, encoder/decoder layers.
 _T5_1_1_SIZES = {
     "tiny": dict(emb_dim=8, num_heads=4, head_dim=3, mlp_dim=16, num_encoder_layers=2, num_decoder_layers=2),
@@ -60,7 +62,7 @@ class T5Config:
     cross_kv = kv if self.cross_num_kv_heads is None else self.cross_num_kv_heads
     for name, value in (("num_kv_heads", kv), ("cross_num_kv_heads", cross_kv)):
       if value < 1 or self.num_heads % value:
-        raise ValueError(
+        raise errors.UserError(
             f"{name}={value} must be a positive divisor of num_heads={self.num_heads} "
             f"(GQA splits the {self.num_heads} query heads into {name} equal groups)")
     object.__setattr__(self, "num_kv_heads", kv)
@@ -68,7 +70,7 @@ class T5Config:
     object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
     if isinstance(self.dtype, str):
       if self.dtype not in _DTYPES:
-        raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(_DTYPES)}")
+        raise errors.UserError(f"dtype={self.dtype!r} is not one of {sorted(_DTYPES)}")
       object.__setattr__(self, "dtype", _DTYPES[self.dtype])
 
   def replace(self, **changes) -> "T5Config":
@@ -90,7 +92,7 @@ class T5Config:
 def t5_1_1_config(size: str = "small", **overrides) -> T5Config:
   """The T5X T5.1.1 preset `size` (tiny, small, base, large, xl, xxl) with `overrides`."""
   if size not in _T5_1_1_SIZES:
-    raise ValueError(f"unknown T5.1.1 size {size!r}; choose one of {', '.join(PRESETS)}")
+    raise errors.UserError(f"unknown T5.1.1 size {size!r}; choose one of {', '.join(PRESETS)}")
   return T5Config(**{**_T5_1_1_SIZES[size], **overrides})
 
 
@@ -107,5 +109,5 @@ def config_from_dict(fields: dict) -> T5Config:
   known = {f.name for f in dataclasses.fields(T5Config)}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ValueError(f"unknown T5Config fields {unknown}; known fields: {sorted(known)}")
+    raise errors.UserError(f"unknown T5Config fields {unknown}; known fields: {sorted(known)}")
   return T5Config(**fields)

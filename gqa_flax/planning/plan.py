@@ -16,6 +16,7 @@ from typing import List
 from absl import flags
 import gin
 
+from gqa_flax import errors
 from gqa_flax.planning import decode_plan, report, search, table1, train_plan
 from gqa_flax.planning.job import Job
 from gqa_flax.planning.topology import Topology, TopologyPartitioner, get_topology
@@ -86,9 +87,9 @@ def _check_model_bound() -> None:
   try:
     gin.query_parameter("%MODEL")
   except ValueError:
-    raise ValueError("no model to plan: pass a gin file that sets MODEL, e.g. "
-                     "--gin_file=experiments/uptrain_xxl_gqa8.gin or models/t5_1_1/xxl.gin"
-                     ) from None
+    raise errors.UserError("no model to plan: pass a gin file that sets MODEL, e.g. "
+                           "--gin_file=experiments/uptrain_xxl_gqa8.gin or models/t5_1_1/xxl.gin"
+                           ) from None
 
 
 def main() -> None:
@@ -110,10 +111,9 @@ def main() -> None:
 def console() -> None:
   """`gqa-plan` console script: bad input and a missing libtpu end in one line, exit 1."""
   sys.argv[1:1] = [f"--gin_file={_PLAN_GIN}"]
-  try:
-    gin_utils.run(main, join_pod=False)  # it compiles for a slice; it runs on none
-  except (RuntimeError, ValueError) as e:
-    sys.exit(f"gqa-plan: {str(e).splitlines()[0]}")
+  # It compiles for a slice it is not on (no pod to join), for any config, complete or not.
+  gin_utils.run(main, "gqa-plan", __doc__, join_pod=False, flag_modules=[__name__],
+                read_by_code=["MODEL"], require_complete=False)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Tuple
 import numpy as np
 from jax.sharding import Mesh
 
+from gqa_flax import errors
 from gqa_flax.training.partitioning import Partitioner
 
 GiB = 1024 ** 3
@@ -79,7 +80,7 @@ def _libtpu_topologies():
   try:
     import libtpu  # noqa: F401 -- only to tell a missing extra apart from other errors
   except ImportError:
-    raise RuntimeError(_INSTALL_HINT) from None
+    raise errors.UserError(_INSTALL_HINT) from None
   # libtpu looks for a TPU VM's environment; these values only quieten its warnings. With no
   # TPU attached, several processes may compile at once (libtpu's lockfile would refuse).
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
@@ -92,7 +93,7 @@ def _libtpu_topologies():
 def get_topology(name: str) -> Topology:
   """The slice `name` (e.g. 'v4-8'), compiled for on this machine through libtpu."""
   if name not in SLICES:
-    raise ValueError(f"unknown TPU slice {name!r}; choose one of {', '.join(SLICES)}")
+    raise errors.UserError(f"unknown TPU slice {name!r}; choose one of {', '.join(SLICES)}")
   topology = SLICES[name]
   generation = _GENERATIONS[topology.split(":")[0]]
   dims = [int(d) for d in topology.split(":")[1].split("x")]
@@ -114,8 +115,8 @@ class TopologyPartitioner(Partitioner):
 
   def __post_init__(self):
     if self.num_partitions < 1 or len(self.devices) % self.num_partitions:
-      raise ValueError(f"num_partitions={self.num_partitions} must divide the slice's "
-                       f"{len(self.devices)} devices; set --gin.NUM_PARTITIONS to a divisor")
+      raise errors.UserError(f"num_partitions={self.num_partitions} must divide the slice's "
+                             f"{len(self.devices)} devices; set --gin.NUM_PARTITIONS to a divisor")
 
   @property
   def mesh(self) -> Mesh:

@@ -26,7 +26,7 @@ import numpy as np
 import seqio
 from etils import epath
 
-from gqa_flax import pod
+from gqa_flax import errors, pod
 from gqa_flax.checkpoints.orbax_format import step_dir
 from gqa_flax.reproduce.timing import seconds_per_sample, write_json
 from gqa_flax.training import data_pipeline, evaluation, gin_utils
@@ -50,7 +50,7 @@ def evaluate_task(task_gin: str, model_dir: str, output_dir: str, num_examples: 
   """gqa-eval of MODEL_DIR's kept checkpoint on TASK_GIN's test split, plus its timing."""
   checkpoint = step_dir(model_dir)
   if checkpoint is None:
-    raise FileNotFoundError(f"no checkpoint in {model_dir}")
+    raise errors.MissingPathError(f"no checkpoint in {model_dir}")
   gin.clear_config()
   gin_utils.parse_gin(["runs/eval.gin", task_gin], [
       f'CHECKPOINT_PATH="{checkpoint}"', f'EVAL_OUTPUT_DIR="{output_dir}"',
@@ -92,7 +92,7 @@ def parse_evals(evals: List[str]) -> Dict[str, List[List[str]]]:
     variant, _, run = spec.partition(":")
     task_gin, _, model_dir = run.partition("=")
     if not (variant and task_gin and model_dir):
-      raise ValueError(f"--eval takes VARIANT:TASK_GIN=MODEL_DIR, got {spec!r}")
+      raise errors.UserError(f"--eval takes VARIANT:TASK_GIN=MODEL_DIR, got {spec!r}")
     grouped.setdefault(variant, []).append([task_gin, model_dir])
   return grouped
 

@@ -10,6 +10,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import gin
 
+from gqa_flax import errors
+
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "reproduce")
 METHODS = ("mean", "first", "random")
@@ -88,17 +90,17 @@ class Preset:
     parsed = tuple(Variant(*v) for v in self.variants)
     for v in parsed:
       if v.model not in self.models:
-        raise ValueError(f"preset {self.name}: variant {v.label} names unknown model "
-                         f"{v.model!r}; models are {sorted(self.models)}")
+        raise errors.UserError(f"preset {self.name}: variant {v.label} names unknown model "
+                               f"{v.model!r}; models are {sorted(self.models)}")
       if v.method not in METHODS:
-        raise ValueError(f"preset {self.name}: variant {v.key} has method {v.method!r}; "
-                         f"use one of {', '.join(METHODS)}")
+        raise errors.UserError(f"preset {self.name}: variant {v.key} has method {v.method!r}; "
+                               f"use one of {', '.join(METHODS)}")
       if v.alpha < 0:
-        raise ValueError(f"preset {self.name}: variant {v.key} has negative alpha {v.alpha}")
+        raise errors.UserError(f"preset {self.name}: variant {v.key} has negative alpha {v.alpha}")
     table = tuple(Variant(*v) for v in self.table_variants)
     missing = [v.key for v in table if v not in parsed]
     if missing:
-      raise ValueError(f"preset {self.name}: table_variants {missing} are not in variants")
+      raise errors.UserError(f"preset {self.name}: table_variants {missing} are not in variants")
     object.__setattr__(self, "variants", parsed)
     object.__setattr__(self, "table_variants", table)
 
@@ -113,8 +115,8 @@ def preset_file(name_or_path: str) -> str:
   path = os.path.join(PRESETS_DIR, f"{name_or_path}.gin")
   if not os.path.isfile(path):
     known = sorted(f[:-4] for f in os.listdir(PRESETS_DIR) if f.endswith(".gin"))
-    raise ValueError(f"unknown preset {name_or_path!r}: choose one of {', '.join(known)} "
-                     "or give a preset gin file")
+    raise errors.UserError(f"unknown preset {name_or_path!r}: choose one of {', '.join(known)} "
+                           "or give a preset gin file")
   return path
 
 

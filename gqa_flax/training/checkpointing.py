@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gqa_flax import errors
 from gqa_flax.checkpoints import orbax_format, paths, reader
 from gqa_flax.checkpoints.arrays import LazyArray, in_memory, unflatten
 from gqa_flax.checkpoints.sharded import read_sharded
@@ -77,7 +78,8 @@ class RestoreCheckpointConfig:
 
   def __post_init__(self):
     if self.mode not in ("specific", "latest"):
-      raise ValueError(f"RestoreCheckpointConfig.mode={self.mode!r}: use 'specific' or 'latest'")
+      raise errors.UserError(
+          f"RestoreCheckpointConfig.mode={self.mode!r}: use 'specific' or 'latest'")
 
   def checkpoint_dir(self) -> Optional[str]:
     """The checkpoint to restore, None for scratch; raises if it must exist and doesn't."""
@@ -85,7 +87,7 @@ class RestoreCheckpointConfig:
       return None
     checkpoint = reader.resolve(self.path)
     if checkpoint is None and not self.fallback_to_scratch:
-      raise FileNotFoundError(
+      raise errors.MissingPathError(
           f"restore path {self.path} is not a checkpoint_<step> directory (Orbax, T5X), a T5X "
           "msgpack file, a HF T5 directory or a directory of checkpoint_<step> ones; fix "
           "INITIAL_CHECKPOINT_PATH / RestoreCheckpointConfig.path, or set fallback_to_scratch=True")
@@ -146,16 +148,16 @@ def _requests(config: RestoreCheckpointConfig, available: Dict[str, Any], wanted
       missing.append(source)
       continue
     if tuple(available[source].shape) != leaf.shape:
-      raise ValueError(f"{where}: {source} has shape {tuple(available[source].shape)}, the "
-                       f"model's {path} is {leaf.shape}; check the model config "
-                       "(size, num_kv_heads) against the checkpoint's")
+      raise errors.UserError(f"{where}: {source} has shape {tuple(available[source].shape)}, the "
+                             f"model's {path} is {leaf.shape}; check the model config "
+                             "(size, num_kv_heads) against the checkpoint's")
     requests[source] = (path, leaf)
   if _restores_optimizer(config) and not any(p.startswith(_OPTIMIZER_PATH) for p in available):
     missing.append(_OPTIMIZER_PATH)
   if missing:
-    raise ValueError(f"{where} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
-                     "to keep fresh values add e.g. (r'state/param_states.*', None) to "
-                     "RestoreCheckpointConfig.assignment_map")
+    raise errors.UserError(f"{where} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
+                           "to keep fresh values add e.g. (r'state/param_states.*', None) to "
+                           "RestoreCheckpointConfig.assignment_map")
   return requests
 
 
@@ -216,12 +218,14 @@ class Checkpointer:
   def __init__(self, model_dir: str, save: SaveCheckpointConfig):
     best = self.metric_name = save.metric_name_to_monitor
     if save.metric_mode not in ("max", "min"):
-      raise ValueError(f"SaveCheckpointConfig.metric_mode={save.metric_mode!r}: use 'max' or 'min'")
+      raise errors.UserError(
+          f"SaveCheckpointConfig.metric_mode={save.metric_mode!r}: use 'max' or 'min'")
     options = ocp.CheckpointManagerOptions(
         step_prefix=orbax_format.STEP_PREFIX, max_to_keep=save.keep,
         save_interval_steps=save.period, enable_async_checkpointing=True,
         best_fn=None if best is None else (lambda metrics: metrics[best]),
-        best_mode=save.metric_mode, keep_checkpoints_without_metrics=True)
+        best_mode=save.metric_mode, keep_checkpoints_without_metrics=True,
+        create=False)  # the caller creates MODEL_DIR once the run's settings are checked
     self.manager = ocp.CheckpointManager(paths.absolute(model_dir), options=options)
 
   def latest_step(self) -> Optional[int]:
@@ -233,9 +237,10 @@ class Checkpointer:
     step = int(state.step)
     if (metrics is not None and self.metric_name is not None and self.metric_name not in metrics
         and (force or self.manager.should_save(step))):
-      raise ValueError(f"the monitored metric {self.metric_name!r} is not among the step's "
-                       f"metrics {sorted(metrics)}; fix SaveCheckpointConfig."
-                       "metric_name_to_monitor (inference_eval/* needs infer_eval_dataset_cfg)")
+      raise errors.UserError(
+          f"the monitored metric {self.metric_name!r} is not among the step's "
+          f"metrics {sorted(metrics)}; fix SaveCheckpointConfig."
+          "metric_name_to_monitor (inference_eval/* needs infer_eval_dataset_cfg)")
     return self.manager.save(
         step, force=force, metrics=metrics, args=ocp.args.Composite(**{
             orbax_format.STATE_ITEM: ocp.args.StandardSave(checkpoint_tree(state)),

@@ -18,6 +18,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from gqa_flax import errors
 from gqa_flax.training.partitioning import DataLayout
 
 
@@ -42,9 +43,10 @@ class DatasetConfig:
     try:
       return seqio.get_mixture_or_task(self.mixture_or_task_name)
     except ValueError as e:
-      raise ValueError(f"unknown seqio task or mixture {self.mixture_or_task_name!r}; set "
-                       "MIXTURE_OR_TASK_NAME to a registered one or DatasetConfig.module to the "
-                       "module that registers it") from e
+      raise errors.UserError(
+          f"unknown seqio task or mixture {self.mixture_or_task_name!r}; set "
+          "MIXTURE_OR_TASK_NAME to a registered one or DatasetConfig.module to the "
+          "module that registers it") from e
 
 
 def _shard_dataset(cfg: DatasetConfig, shard_info: seqio.ShardInfo, batch_size: int,

@@ -29,7 +29,7 @@ import seqio
 import tensorflow as tf
 from etils import epath
 
-from gqa_flax import pod
+from gqa_flax import errors, pod
 from gqa_flax.training.data_pipeline import DatasetConfig
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 from gqa_flax.training.partitioning import Partitioner
@@ -97,7 +97,7 @@ class InferenceEvaluator:
   def __init__(self, dataset_cfg: DatasetConfig, num_examples: Optional[int] = None,
                log_dir: Optional[str] = None):
     if num_examples is not None and num_examples < 1:
-      raise ValueError(f"num_examples={num_examples}: use a positive number or None for all")
+      raise errors.UserError(f"num_examples={num_examples}: use a positive number or None for all")
     task = dataset_cfg.task()
     lengths = dict(dataset_cfg.task_feature_lengths)
     self.batch_size = dataset_cfg.batch_size
@@ -110,8 +110,8 @@ class InferenceEvaluator:
         logger_cls=(PredictionsLogger,) if log_dir else (), log_dir=log_dir,
         async_compute_metrics=False)
     if not self._evaluator.eval_tasks:
-      raise ValueError(f"{task.name} has no task with metric_fns and a {dataset_cfg.split!r} "
-                       "split to evaluate; pick another MIXTURE_OR_TASK_NAME or split")
+      raise errors.UserError(f"{task.name} has no task with metric_fns and a {dataset_cfg.split!r} "
+                             "split to evaluate; pick another MIXTURE_OR_TASK_NAME or split")
 
   @property
   def task_names(self) -> Sequence[str]:
@@ -152,8 +152,8 @@ METRICS_FILE = "metrics.json"
 def check_checkpoint_path(checkpoint_path: Optional[str]) -> None:
   """Fails early, naming the fix, when CHECKPOINT_PATH is unset or missing."""
   if not checkpoint_path or not epath.Path(checkpoint_path).exists():
-    raise FileNotFoundError(f"CHECKPOINT_PATH {checkpoint_path!r} does not exist; pass "
-                            "--gin.CHECKPOINT_PATH=\"/model_dir/checkpoint_<step>\"")
+    raise errors.MissingPathError(f"CHECKPOINT_PATH {checkpoint_path!r} does not exist; pass "
+                                  "--gin.CHECKPOINT_PATH=\"/model_dir/checkpoint_<step>\"")
 
 
 def restore_predictor(checkpoint_path: str, model: Optional[EncoderDecoderModel] = None,
@@ -189,13 +189,13 @@ def evaluate(*, dataset_cfg: DatasetConfig, checkpoint_path: str, output_dir: st
   params' dtype on device (default: the model's activation dtype)."""
   check_checkpoint_path(checkpoint_path)
   if not output_dir:
-    raise ValueError("EVAL_OUTPUT_DIR is not set; pass --gin.EVAL_OUTPUT_DIR=\"/path\"")
+    raise errors.UserError("EVAL_OUTPUT_DIR is not set; pass --gin.EVAL_OUTPUT_DIR=\"/path\"")
   output = epath.Path(output_dir)
-  if pod.is_writer():
+  predictor, step = restore_predictor(checkpoint_path, model, partitioner, dtype)
+  if pod.is_writer():  # once the checkpoint is read: a failed run leaves no empty directory
     output.mkdir(parents=True, exist_ok=True)
   pod.barrier("evaluate/output_dir")
   evaluator = InferenceEvaluator(dataset_cfg, num_examples, log_dir=output_dir)
-  predictor, step = restore_predictor(checkpoint_path, model, partitioner, dtype)
   counts = evaluator.num_examples()
   logging.info("decoding %s with batch size %d", counts, evaluator.batch_size)
   metrics = evaluator.evaluate(predictor, step)

@@ -1,11 +1,21 @@
 """T5X's gin command line: --gin_file (repeatable), --gin_bindings, --gin.NAME=VALUE,
---gin_search_paths (the repo's configs/ always searched), --tfds_data_dir, and the multi-process
-flags --multiprocess_gpu, --coordinator_address, --process_count, --process_index."""
+--gin_search_paths (the repo's configs/ always searched), --tfds_data_dir, the multi-process
+flags --multiprocess_gpu, --coordinator_address, --process_count, --process_index, and the
+vocabulary flag --gqa_vocab_path.
+
+Gin files compose in any order (model, task, run): a file included twice is parsed once (the
+first time), and `NAME = %gin.REQUIRED` declares a setting without undoing a value an earlier
+file gave it. Before a command runs, every setting still REQUIRED is named in one line, and a
+macro that a gin file assigns but no gin file ever uses (a typo, `BATCH_SZE = 8`) is warned of.
+"""
+import contextlib
 import importlib.util  # gin 0.5.0 uses importlib.util without importing it
+import glob
 import os
-import sys
 import re
-from typing import Callable, List, Sequence
+import sys
+import tokenize
+from typing import Callable, Iterator, List, Sequence, Set
 
 from absl import app, flags
 import gin
@@ -13,7 +23,8 @@ from gin import config as gin_config
 from gin import resource_reader
 import seqio
 
-from gqa_flax import pod
+from gqa_flax import errors, pod
+from gqa_flax.data import vocab  # defines --gqa_vocab_path
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
@@ -33,6 +44,8 @@ flags.DEFINE_integer("process_index", None, "Index of this process in the multi-
 FLAGS = flags.FLAGS
 
 _MACRO_BINDING = re.compile(r"\s*([A-Z][A-Z0-9_]*)\s*=")
+_MACRO_REFERENCE = re.compile(r"%([A-Za-z_][\w.]*)")
+_HELP_FLAGS = ("-h", "--help", "--helpshort", "-?")
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> List[str]:
@@ -62,35 +75,208 @@ gin_config._FILE_READERS[:] = [  # pylint: disable=protected-access
     for reader, exists in gin_config._FILE_READERS]  # pylint: disable=protected-access
 
 
+def _resolve(config_file: str) -> str:
+  """The real path gin would read for `config_file` (the name itself if none exists)."""
+  prefixes = ([""] if os.path.isabs(config_file)
+              else gin_config._LOCATION_PREFIXES)  # pylint: disable=protected-access
+  for prefix in prefixes:
+    candidate = os.path.join(prefix, config_file)
+    if os.path.isfile(candidate):
+      return os.path.realpath(candidate)
+  return config_file
+
+
+def _is_required(value) -> bool:
+  """Whether a gin value is the `%gin.REQUIRED` placeholder."""
+  return (isinstance(value, gin_config.ConfigurableReference)
+          and value.configurable.name == "constant" and value.scopes == ["gin.REQUIRED"])
+
+
+@contextlib.contextmanager
+def _composing_files(parsed: List[str], reading: List[str]) -> Iterator[None]:
+  """gin parsing where a file is read once (its real path appended to `parsed`; `reading` is
+  the stack of files being read) and a `NAME = %gin.REQUIRED` macro leaves an earlier value
+  of NAME in place."""
+  parse_file, bind = gin_config.parse_config_file, gin_config.bind_parameter
+
+  def parse_once(config_file, *args, **kwargs):
+    path = _resolve(config_file)
+    if path in parsed:
+      return gin_config.ParsedConfigFileIncludesAndImports(config_file, [], [])
+    parsed.append(path)
+    reading.append(path)
+    result = parse_file(config_file, *args, **kwargs)
+    reading.pop()
+    return result
+
+  def bind_unless_declaration(key, value):
+    name, selector = key[0], key[1]
+    bound = gin_config._CONFIG.get((name, selector), {})  # pylint: disable=protected-access
+    earlier = bound.get("value")
+    if selector == "gin.macro" and _is_required(value) and earlier is not None \
+        and not _is_required(earlier):
+      return
+    bind(key, value)
+
+  gin_config.parse_config_file, gin_config.bind_parameter = parse_once, bind_unless_declaration
+  try:
+    yield
+  finally:
+    gin_config.parse_config_file, gin_config.bind_parameter = parse_file, bind
+
+
+def _gin_error(error: Exception, current_file: str) -> errors.UserError:
+  """A gin parsing error in one line: gin's message, where it is and the text there."""
+  if isinstance(error, tokenize.TokenError):  # an unclosed bracket at the end of a file
+    error = SyntaxError(error.args[0], (current_file, error.args[1][0], 0, ""))
+  if isinstance(error, SyntaxError):
+    message = error.msg
+    text = (error.text or "").strip()
+    where = f"{error.filename or 'binding'} line {error.lineno}{': ' + text if text else ''}"
+    fix = "fix the gin syntax (a string value needs quotes: --gin.MODEL_DIR=\"'/tmp/run'\")"
+  else:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    message = lines[0] or type(error).__name__
+    at = next((i for i, line in enumerate(lines) if line.startswith("In ")), None)
+    where = "" if at is None else " ".join(lines[at:at + 2])[3:]
+    fix = "fix the gin file or binding"
+  return errors.UserError(f"gin: {message.rstrip('.')}{f' ({where})' if where else ''}; {fix}")
+
+
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
-              gin_search_paths: Sequence[str] = ()) -> None:
-  """Parses files then bindings; a binding of an undefined MACRO fails naming it."""
+              gin_search_paths: Sequence[str] = ()) -> List[str]:
+  """Parses files then bindings (files composing as the module docstring says); returns the
+  files read, includes too. A binding of an undefined MACRO, or any gin error, is a UserError."""
   for path in list(gin_search_paths) + [CONFIGS_DIR]:
     gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
-  for binding in gin_bindings:
-    match = _MACRO_BINDING.match(binding)
-    if match:
-      try:
-        gin.query_parameter(f"%{match.group(1)}")
-      except ValueError:
-        raise ValueError(f"unknown macro {match.group(1)} in binding {binding!r}: no gin file "
-                         f"({', '.join(gin_files)}) defines it; check the spelling") from None
-  gin.parse_config_files_and_bindings(None, gin_bindings, finalize_config=False)
+  parsed: List[str] = []
+  reading: List[str] = []
+  try:
+    with _composing_files(parsed, reading):
+      gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
+    for binding in gin_bindings:
+      match = _MACRO_BINDING.match(binding)
+      if match and not _bound(match.group(1)):
+        raise errors.UserError(
+            f"unknown macro {match.group(1)} in binding {binding!r}: no gin file "
+            f"({', '.join(gin_files)}) defines it; check the spelling")
+    gin.parse_config_files_and_bindings(None, gin_bindings, finalize_config=False)
+  except errors.UserError:
+    raise
+  except (ValueError, OSError, SyntaxError, tokenize.TokenError) as e:
+    raise _gin_error(e, reading[-1] if reading else "") from None
+  return parsed
 
 
-def run(main: Callable[[], None], join_pod: bool = True) -> None:
-  """Console-script entry: parses flags (after the --gin.X rewrite), joins the pod (unless
-  `join_pod` is False: gqa-plan compiles for a slice it is not on) and parses gin, then
-  `main()`."""
+def _bound(macro: str) -> bool:
+  return (macro, "gin.macro") in gin_config._CONFIG  # pylint: disable=protected-access
+
+
+def missing_settings() -> List[str]:
+  """The macros and parameters still bound to %gin.REQUIRED."""
+  missing = []
+  for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    for name, value in params.items():
+      if _is_required(value):
+        missing.append(scope if selector == "gin.macro" else
+                       f"{scope + '/' if scope else ''}{selector}.{name}")
+  return sorted(missing)
+
+
+def check_complete() -> None:
+  """Raises a UserError naming every setting still REQUIRED and how to set it."""
+  missing = missing_settings()
+  if not missing:
+    return
+  task_hint = ("; a task gin file sets MIXTURE_OR_TASK_NAME and TASK_FEATURE_LENGTHS "
+               "(--gin_file=experiments/tasks/cnn_dailymail.gin)"
+               if {"MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS"} & set(missing) else "")
+  raise errors.UserError(
+      f"gin setting{'s' if len(missing) > 1 else ''} {', '.join(missing)} not set; pass "
+      + " ".join(f"--gin.{name}=VALUE" for name in missing) + task_hint)
+
+
+def _referenced_macros(gin_files: Sequence[str]) -> Set[str]:
+  """Macro names some binding of the config, or some gin file we know of, refers to."""
+  names = set()
+  for params in gin_config._CONFIG.values():  # pylint: disable=protected-access
+    for value in gin_config._iterate_flattened_values(params):  # pylint: disable=protected-access
+      if isinstance(value, gin_config.ConfigurableReference) and \
+          value.configurable.name == "macro":
+        names.update(value.scopes)
+  known = glob.glob(os.path.join(CONFIGS_DIR, "**", "*.gin"), recursive=True)
+  for path in set(known) | {f for f in gin_files if os.path.isfile(f)}:
+    with open(path) as f:
+      names.update(_MACRO_REFERENCE.findall(f.read()))
+  return names
+
+
+def unused_macros(parsed_files: Sequence[str], read_by_code: Sequence[str] = ()) -> List[str]:
+  """'NAME (file)' for each macro a parsed gin file assigns that nothing refers to."""
+  referenced = _referenced_macros(parsed_files) | set(read_by_code)
+  unused = []
+  for scope, selector in gin_config._CONFIG:  # pylint: disable=protected-access
+    if selector != "gin.macro" or scope in referenced:
+      continue
+    files = [path for path in parsed_files if os.path.isfile(path) and re.search(
+        rf"^\s*{re.escape(scope)}\s*=", open(path).read(), re.MULTILINE)]
+    if files:
+      unused.append(f"{scope} ({_shown(files[-1])})")
+  return sorted(unused)
+
+
+def _shown(path: str) -> str:
+  """`path` relative to the configs or working directory when it is under one."""
+  for root in (CONFIGS_DIR, os.getcwd()):
+    if path.startswith(root + os.sep):
+      return os.path.relpath(path, root)
+  return path
+
+
+def help_text(prog: str, doc: str, flag_modules: Sequence[str] = ()) -> str:
+  """`prog --help`: the command's docstring, then its flags (T5X's gin and pod flags, the
+  vocabulary flag, and those of `flag_modules`)."""
+  own = FLAGS.module_help(__name__)
+  sections = [f"usage: {prog} --gin_file=FILE ... [--gin.NAME=VALUE ...] [flags]", doc.strip(),
+              "flags:\n  --gin.NAME=VALUE: a gin binding, T5X's shorthand for "
+              "--gin_bindings='NAME=VALUE';\n"
+              "    strings need quotes: --gin.MODEL_DIR=\"'/tmp/run'\"\n"
+              + own.strip().split("\n", 1)[1]]
+  sections += [FLAGS.module_help(module) for module in [vocab.__name__, *flag_modules]]
+  sections.append("All absl, TF and library flags: --helpfull.")
+  return "\n\n".join(sections)
+
+
+def run(main: Callable[[], None], prog: str, doc: str, join_pod: bool = True,
+        flag_modules: Sequence[str] = (), read_by_code: Sequence[str] = (),
+        require_complete: bool = True) -> None:
+  """Console-script entry: `--help` prints `help_text`; otherwise parses flags (after the
+  --gin.X rewrite), joins the pod (unless `join_pod` is False: gqa-plan compiles for a slice
+  it is not on), parses gin, warns of unused macros (`read_by_code`: macros the command
+  reads itself), refuses an incomplete config (`require_complete`), then `main()`. A
+  UserError ends the command in one line, exit 1."""
+  argv = rewrite_gin_args(sys.argv)
+  if any(arg in _HELP_FLAGS for arg in argv[1:]):
+    print(help_text(prog, doc, flag_modules))
+    sys.exit(0)
+
   def wrapped(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --gin.NAME=VALUE")
-    if join_pod:
-      pod.initialize(FLAGS.multiprocess_gpu, FLAGS.coordinator_address, FLAGS.process_count,
-                     FLAGS.process_index)
-    if FLAGS.tfds_data_dir:
-      seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
-    parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    main()
-  app.run(wrapped, argv=rewrite_gin_args(sys.argv))
+    try:
+      if len(argv) > 1:
+        raise errors.UserError(f"unexpected arguments {' '.join(argv[1:])}; pass settings as "
+                               "--gin.NAME=VALUE and files as --gin_file=FILE")
+      if join_pod:
+        pod.initialize(FLAGS.multiprocess_gpu, FLAGS.coordinator_address, FLAGS.process_count,
+                       FLAGS.process_index)
+      if FLAGS.tfds_data_dir:
+        seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
+      parsed = parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+      for unused in unused_macros(parsed, read_by_code):
+        print(f"{prog}: warning: gin macro {unused} is assigned but no gin binding uses it; "
+              "check its spelling", file=sys.stderr, flush=True)
+      if require_complete:
+        check_complete()
+      main()
+    except errors.UserError as e:
+      errors.exit_with(prog, e)
+  app.run(wrapped, argv=argv)

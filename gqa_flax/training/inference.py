@@ -17,7 +17,7 @@ import seqio
 import tensorflow as tf
 from etils import epath
 
-from gqa_flax import pod
+from gqa_flax import errors, pod
 from gqa_flax.training.data_pipeline import DatasetConfig
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 from gqa_flax.training.evaluation import check_checkpoint_path, predict_dataset, restore_predictor
@@ -29,10 +29,10 @@ PREDICTIONS_FILE = "predictions.jsonl"
 def _file_dataset(task: seqio.Task, inputs_file: str, lengths: dict) -> tf.data.Dataset:
   """The non-empty lines of `inputs_file` as tokenized task examples (empty targets)."""
   if not epath.Path(inputs_file).is_file():
-    raise FileNotFoundError(f"INFER_INPUTS_FILE {inputs_file} does not exist")
+    raise errors.MissingPathError(f"INFER_INPUTS_FILE {inputs_file} does not exist")
   lines = [line for line in epath.Path(inputs_file).read_text().splitlines() if line.strip()]
   if not lines:
-    raise ValueError(f"INFER_INPUTS_FILE {inputs_file} has no non-empty line")
+    raise errors.UserError(f"INFER_INPUTS_FILE {inputs_file} has no non-empty line")
   ds = tf.data.Dataset.from_tensor_slices({"inputs": lines, "targets": [""] * len(lines)})
   ds = seqio.preprocessors.tokenize(ds, task.output_features)
   return seqio.preprocessors.append_eos_after_trim(ds, task.output_features, lengths)
@@ -52,9 +52,10 @@ def infer(*, dataset_cfg: DatasetConfig, checkpoint_path: str, output_dir: str,
   `inputs_file` (one input per line), with the checkpoint; returns the predictions file."""
   check_checkpoint_path(checkpoint_path)
   if not output_dir:
-    raise ValueError("INFER_OUTPUT_DIR is not set; pass --gin.INFER_OUTPUT_DIR=\"/path\"")
+    raise errors.UserError("INFER_OUTPUT_DIR is not set; pass --gin.INFER_OUTPUT_DIR=\"/path\"")
   if beam_size < 1 or (num_examples is not None and num_examples < 1):
-    raise ValueError(f"beam_size={beam_size}, num_examples={num_examples}: use positive numbers")
+    raise errors.UserError(
+        f"beam_size={beam_size}, num_examples={num_examples}: use positive numbers")
   task = dataset_cfg.task()
   lengths = dict(dataset_cfg.task_feature_lengths)
   if inputs_file:

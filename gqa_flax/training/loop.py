@@ -18,7 +18,7 @@ import jax
 import optax
 from etils import epath
 
-from gqa_flax import pod
+from gqa_flax import errors, pod
 from gqa_flax.training import checkpointing, data_pipeline, evaluation, trainer
 from gqa_flax.training.adafactor import adafactor
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
@@ -87,7 +87,7 @@ def train(*, model: EncoderDecoderModel, train_dataset_cfg: data_pipeline.Datase
   optimizer = optimizer or adafactor()
   partitioner = partitioner or Partitioner()
   if not model_dir:
-    raise ValueError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"/path/to/run\"")
+    raise errors.UserError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"/path/to/run\"")
   partitioner.check_batch_size(train_dataset_cfg.batch_size)
   checkpointer = checkpointing.Checkpointer(model_dir, checkpoint_cfg.save)
   resuming = checkpointer.latest_step() is not None
@@ -99,6 +99,7 @@ def train(*, model: EncoderDecoderModel, train_dataset_cfg: data_pipeline.Datase
   if pod.is_writer():
     epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
     (epath.Path(model_dir) / "config.gin").write_text(gin.config_str())
+  pod.barrier("train/model_dir")
 
   input_shapes = _input_shapes(train_dataset_cfg)
   boxed = trainer.abstract_params(model, input_shapes)

@@ -4,6 +4,8 @@ from typing import Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 
+from gqa_flax import errors
+
 # T5X `losses.SpecialLossNormalizingFactor.NUM_REAL_TARGET_TOKENS`, by name as in gin files.
 NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
 
@@ -45,8 +47,9 @@ def compute_weighted_cross_entropy(
   if loss_normalizing_factor == NUM_REAL_TARGET_TOKENS:
     loss_normalizing_factor = weight_sum
   elif isinstance(loss_normalizing_factor, str):
-    raise ValueError(f"loss_normalizing_factor={loss_normalizing_factor!r}: use None, a number "
-                     f"or {NUM_REAL_TARGET_TOKENS!r}")
+    raise errors.UserError(
+        f"loss_normalizing_factor={loss_normalizing_factor!r}: use None, a number "
+        f"or {NUM_REAL_TARGET_TOKENS!r}")
   if loss_normalizing_factor is not None:
     loss /= loss_normalizing_factor
     z_loss_part /= loss_normalizing_factor

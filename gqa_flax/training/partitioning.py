@@ -30,6 +30,7 @@ import seqio
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gqa_flax import errors
 from gqa_flax.training.adafactor import factored_dims
 
 LogicalRules = Sequence[Tuple[str, Optional[str]]]
@@ -74,8 +75,9 @@ class Partitioner:
   def __post_init__(self):
     devices = jax.device_count()
     if self.num_partitions < 1 or devices % self.num_partitions:
-      raise ValueError(f"num_partitions={self.num_partitions} must divide the {devices} devices; "
-                       "set Partitioner.num_partitions to a divisor")
+      raise errors.UserError(
+          f"num_partitions={self.num_partitions} must divide the {devices} devices; "
+          "set Partitioner.num_partitions to a divisor")
 
   @functools.cached_property
   def mesh(self) -> Mesh:
@@ -95,16 +97,18 @@ class Partitioner:
         for device in devices if device.process_index == process}))
     rows = rows_of(jax.process_index())
     if rows != tuple(range(rows[0], rows[-1] + 1)):
-      raise ValueError(f"process {jax.process_index()} holds mesh rows {rows}, which are not "
-                       "contiguous; use a num_partitions whose model groups do not interleave hosts")
+      raise errors.UserError(
+          f"process {jax.process_index()} holds mesh rows {rows}, which are not "
+          "contiguous; use a num_partitions whose model groups do not interleave hosts")
     first = min(p for p in range(jax.process_count()) if rows_of(p) == rows)
     return DataLayout(batch_size, self.data_parallel_size, rows, first == jax.process_index())
 
   def check_batch_size(self, batch_size: int) -> None:
     if batch_size % self.data_parallel_size:
-      raise ValueError(f"batch size {batch_size} is not divisible by the data-parallel size "
-                       f"{self.data_parallel_size} ({jax.device_count()} devices / num_partitions="
-                       f"{self.num_partitions}); change BATCH_SIZE or Partitioner.num_partitions")
+      raise errors.UserError(
+          f"batch size {batch_size} is not divisible by the data-parallel size "
+          f"{self.data_parallel_size} ({jax.device_count()} devices / num_partitions="
+          f"{self.num_partitions}); change BATCH_SIZE or Partitioner.num_partitions")
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())

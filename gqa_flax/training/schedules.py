@@ -17,6 +17,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from gqa_flax import errors
+
 _FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "rsqrt_normalized_decay")
 
 
@@ -29,8 +31,8 @@ def create_learning_rate_scheduler(factors: str = "constant * linear_warmup * rs
   names = [name.strip() for name in factors.split("*")]
   unknown = [name for name in names if name not in _FACTORS]
   if unknown:
-    raise ValueError(f"unknown learning-rate factor(s) {unknown} in {factors!r}; "
-                     f"use a '*' product of {', '.join(_FACTORS)}")
+    raise errors.UserError(f"unknown learning-rate factor(s) {unknown} in {factors!r}; "
+                           f"use a '*' product of {', '.join(_FACTORS)}")
 
   def step_fn(step):
     step = jnp.maximum(0, jnp.asarray(step, jnp.float32) - step_offset)

@@ -1,0 +1,158 @@
+"""Every gqa-* command answers a user's mistake in one line and leaves nothing behind.
+
+Each bad input runs the real command as a subprocess (what a user types), and the test asserts:
+exit code 1, no traceback, exactly one `gqa-<cmd>: error:` line (the last line of stderr)
+naming the setting or file, and the working directory exactly as it was. The gin composition
+rules and the typo guard are checked in-process against the repository's own gin files.
+"""
+import glob
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from gqa_flax.data import mini, vocab
+from gqa_flax.training import gin_utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = {"gqa-train": "gqa_flax.train", "gqa-eval": "gqa_flax.eval",
+            "gqa-infer": "gqa_flax.infer"}
+TINY = ["--gin_file=experiments/tiny_pretrain.gin"]
+SETTINGS_CASES = {
+    "train: settings missing": (
+        "gqa-train", ["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin",
+                      "--gin.MODEL_DIR='{tmp}/run'"],
+        "gin settings MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, TRAIN_STEPS not set; pass "
+        "--gin.MIXTURE_OR_TASK_NAME=VALUE"),
+    "train: MODEL_DIR missing": ("gqa-train", TINY, "MODEL_DIR is not set"),
+    "train: unquoted string": (
+        "gqa-train", TINY + ["--gin.MODEL_DIR={tmp}/run"],
+        "gin: Unable to parse value (binding line 1: MODEL_DIR={tmp}/run); fix the gin syntax"),
+    "train: gin file missing": (
+        "gqa-train", ["--gin_file=experiments/tiny_pretrain_typo.gin"],
+        "gin: Unable to open file: experiments/tiny_pretrain_typo.gin"),
+    "train: unknown macro": (
+        "gqa-train", TINY + ["--gin.BATCH_SZE=8"], "unknown macro BATCH_SZE in binding"),
+    "train: unknown configurable": (
+        "gqa-train", ["--gin_file={tmp}/typo.gin"],
+        "gin: No configurable matching 'trian' (file \"{tmp}/typo.gin\", line 2"),
+    "train: stray argument": (
+        "gqa-train", TINY + ["--gin.MODEL_DIR='{tmp}/run'", "run2"], "unexpected arguments run2"),
+    "uptrain: INITIAL_CHECKPOINT_PATH missing": (
+        "gqa-train", TINY + ["--gin_file=runs/uptrain.gin", "--gin.MODEL_DIR='{tmp}/run'"],
+        "gin setting INITIAL_CHECKPOINT_PATH not set; pass --gin.INITIAL_CHECKPOINT_PATH=VALUE"),
+    "uptrain: INITIAL_CHECKPOINT_PATH does not exist": (
+        "gqa-train", TINY + ["--gin_file=runs/uptrain.gin", "--gin.MODEL_DIR='{tmp}/run'",
+                             "--gin.INITIAL_CHECKPOINT_PATH='{tmp}/nowhere'"],
+        "restore path {tmp}/nowhere is not a checkpoint_<step> directory"),
+    "eval: settings missing": (
+        "gqa-eval", ["--gin_file=runs/eval.gin"],
+        "gin settings CHECKPOINT_PATH, EVAL_OUTPUT_DIR, MIXTURE_OR_TASK_NAME, "
+        "TASK_FEATURE_LENGTHS not set"),
+    "eval: CHECKPOINT_PATH does not exist": (
+        "gqa-eval", ["--gin_file=runs/eval.gin", "--gin_file=experiments/tasks/cnn_dailymail.gin",
+                     "--gin.CHECKPOINT_PATH='{tmp}/nowhere'", "--gin.EVAL_OUTPUT_DIR='{tmp}/ev'"],
+        "CHECKPOINT_PATH '{tmp}/nowhere' does not exist"),
+    "infer: settings missing": (
+        "gqa-infer", ["--gin_file=runs/infer.gin", "--gin_file=experiments/tasks/arxiv.gin"],
+        "gin settings CHECKPOINT_PATH, INFER_OUTPUT_DIR not set"),
+    "vocabulary flag and gin binding are accepted": (
+        "gqa-train", ["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin",
+                      "--gqa_vocab_path={tmp}/spm.model",
+                      "--gin.vocabulary_path.path='{tmp}/spm.model'"],
+        "gin settings MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, TRAIN_STEPS not set"),
+}
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def run_command(prog, args, cwd):
+  return subprocess.run([sys.executable, "-m", COMMANDS[prog], *args], cwd=cwd, env=_env(),
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def assert_one_line_error(result, prog, expected):
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  errors = [line for line in lines if line.startswith(f"{prog}: error:")]
+  assert errors == [lines[-1]], result.stderr[-3000:]
+  assert expected in lines[-1], lines[-1]
+
+
+def tree(path):
+  return sorted(os.path.relpath(p, path) for p in glob.glob(f"{path}/**", recursive=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(SETTINGS_CASES))
+def test_bad_settings_end_in_one_line_with_nothing_written(case, tmp_path):
+  prog, args, expected = SETTINGS_CASES[case]
+  (tmp_path / "typo.gin").write_text("include 'experiments/tiny_pretrain.gin'\ntrian.eval_steps = 2\n")
+  before = tree(tmp_path)
+  result = run_command(prog, [a.format(tmp=tmp_path) for a in args], cwd=tmp_path)
+  assert_one_line_error(result, prog, expected.format(tmp=tmp_path))
+  assert tree(tmp_path) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prog", list(COMMANDS))
+def test_help_lists_the_gin_flags_and_exits_0(prog, tmp_path):
+  result = run_command(prog, ["--help"], cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  for text in (f"usage: {prog} --gin_file=FILE", "--gin_file:", "--gin.NAME=VALUE",
+               "--gin_search_paths:", "--tfds_data_dir:", "--[no]multiprocess_gpu:",
+               "--gqa_vocab_path:", "Needs "):
+    assert text in result.stdout, (text, result.stdout)
+  assert len(result.stdout.splitlines()) < 100
+
+
+@pytest.fixture
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def test_run_files_compose_with_an_experiment_or_a_task_file(clean_gin):
+  gin_utils.parse_gin(["experiments/tiny_pretrain.gin", "runs/uptrain.gin"], [])
+  # uptrain.gin includes runs/pretrain.gin again: read once, the experiment's values stay.
+  assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "gqa_mini_span_corruption"
+  assert gin.query_parameter("%BATCH_SIZE") == 16
+  assert gin_utils.missing_settings() == ["INITIAL_CHECKPOINT_PATH"]
+  gin.clear_config()
+  gin_utils.parse_gin(["models/t5_1_1/tiny.gin", "experiments/tasks/cnn_dailymail.gin",
+                       "runs/finetune.gin"], [])
+  # finetune.gin's `MIXTURE_OR_TASK_NAME = %gin.REQUIRED` does not undo the task file's.
+  assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "gqa_cnn_dailymail"
+  assert gin.query_parameter("%BEST_METRIC") == "rouge1"
+  assert gin_utils.missing_settings() == ["INITIAL_CHECKPOINT_PATH", "TRAIN_STEPS"]
+  gin.clear_config()
+  gin_utils.parse_gin(["runs/finetune.gin"], ["INITIAL_CHECKPOINT_PATH = '/ckpt'"])
+  assert gin_utils.missing_settings() == ["BEST_METRIC", "MIXTURE_OR_TASK_NAME",
+                                          "TASK_FEATURE_LENGTHS", "TRAIN_STEPS"]
+
+
+def test_a_macro_no_binding_uses_is_named_with_its_file(clean_gin, tmp_path):
+  typo = tmp_path / "typo.gin"
+  typo.write_text("include 'experiments/tiny_pretrain.gin'\nBATCH_SZE = 8\n")
+  parsed = gin_utils.parse_gin([str(typo)], [])
+  assert gin_utils.unused_macros(parsed) == [f"BATCH_SZE ({typo})"]
+
+
+@pytest.mark.parametrize("experiment", sorted(
+    os.path.relpath(p, gin_utils.CONFIGS_DIR)
+    for p in glob.glob(os.path.join(gin_utils.CONFIGS_DIR, "experiments", "*.gin"))))
+def test_the_repository_experiments_have_no_unused_macro(experiment, clean_gin):
+  parsed = gin_utils.parse_gin([experiment], [])
+  assert gin_utils.unused_macros(parsed) == []
+
+
+def test_the_mini_tasks_take_the_vocabulary_the_user_set(monkeypatch, tmp_path):
+  monkeypatch.setenv(vocab.VOCAB_PATH_ENV, str(tmp_path / "spm.model"))
+  assert mini.MiniVocabulary().sentencepiece_model_file == str(tmp_path / "spm.model")
+  assert vocab.get_vocabulary().sentencepiece_model_file == str(tmp_path / "spm.model")
