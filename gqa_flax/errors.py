@@ -5,8 +5,9 @@ exist, a corrupt checkpoint, missing data): its message is one line, `<what is w
 file/setting/value>; <how to fix it>`. The commands print it as `gqa-<cmd>: error: <message>` and
 exit 1 (`exit_with`); anything else is a bug and keeps its traceback.
 """
+import contextlib
 import sys
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 
 class UserError(ValueError):
@@ -27,3 +28,21 @@ def exit_with(prog: str, error: BaseException) -> NoReturn:
   """Prints `prog: error: <first line>` on stderr and exits 1."""
   print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
   sys.exit(1)
+
+
+@contextlib.contextmanager
+def reading(what: str) -> Iterator[None]:
+  """Reading `what` (a file, or a checkpoint's array): any failure but a UserError means the
+  data is truncated or corrupt, and becomes a one-line UserError naming `what`."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (a decoder's error, any library's)
+    # The library's other reads of the same data fail too, as coroutines that are never
+    # awaited; Python would print each one ("Exception ignored in ...") as it is collected.
+    sys.unraisablehook = lambda unraisable: None
+    detail = one_line(e)
+    detail = detail if len(detail) <= 200 else detail[:197] + "..."
+    raise UserError(f"{what}: cannot be read, it is truncated or corrupt ({type(e).__name__}: "
+                    f"{detail}); write, copy or download the checkpoint again") from e

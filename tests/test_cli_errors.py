@@ -7,10 +7,13 @@ rules and the typo guard are checked in-process against the repository's own gin
 """
 import glob
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import gin
+import numpy as np
 import pytest
 
 from gqa_flax.data import mini, vocab
@@ -156,3 +159,141 @@ def test_the_mini_tasks_take_the_vocabulary_the_user_set(monkeypatch, tmp_path):
   monkeypatch.setenv(vocab.VOCAB_PATH_ENV, str(tmp_path / "spm.model"))
   assert mini.MiniVocabulary().sentencepiece_model_file == str(tmp_path / "spm.model")
   assert vocab.get_vocabulary().sentencepiece_model_file == str(tmp_path / "spm.model")
+
+
+T5X_TINY = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "t5x",
+                        "test_t5_tiny.checkpoint_0")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """One small checkpoint of each format, from the real T5X fixture (HF: transformers)."""
+  from gqa_flax.checkpoints import convert, reader, t5x_legacy  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("formats")
+  source = reader.open_checkpoint(T5X_TINY)
+  t5x_legacy.write_t5x_legacy(str(root / "legacy"), source.arrays, 0, inline_max_bytes=1024)
+  convert.convert_checkpoint(T5X_TINY, str(root / "orbax"), source.config.num_heads,
+                             progress=False)
+  transformers = pytest.importorskip("transformers")
+  config = transformers.T5Config(vocab_size=64, d_model=8, d_kv=3, d_ff=16, num_layers=2,
+                                 num_heads=4, feed_forward_proj="gated-gelu",
+                                 tie_word_embeddings=False)
+  transformers.T5ForConditionalGeneration(config).save_pretrained(root / "hf",
+                                                                 safe_serialization=True)
+  return root
+
+
+def _truncate(path):
+  data = open(path, "rb").read()
+  os.chmod(path, 0o644)
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+
+
+def _largest(pattern):
+  return max((p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)),
+             key=os.path.getsize)
+
+
+# name: (format copied, the file damaged (glob), how, what the error line names)
+CORRUPT_CASES = {
+    "T5X msgpack file truncated": ("msgpack", "", _truncate, "{src}: cannot be read"),
+    "T5X legacy msgpack truncated": ("legacy", "checkpoint", _truncate,
+                                     "{src}/checkpoint: cannot be read"),
+    "T5X legacy zarr chunk truncated": (
+        "legacy", "target.decoder.logits_dense.kernel/0.0", _truncate,
+        "{src}/target.decoder.logits_dense.kernel: cannot be read"),
+    "T5X legacy zarr array missing": (
+        "legacy", "target.decoder.logits_dense.kernel", shutil.rmtree,
+        "TensorStore array directory {src}/target.decoder.logits_dense.kernel is missing"),
+    "HF safetensors truncated": ("hf", "model.safetensors", _truncate,
+                                 "{src}/model.safetensors: truncated"),
+    "HF config.json truncated": ("hf", "config.json", _truncate,
+                                 "{src}/config.json: cannot be read"),
+    "Orbax OCDBT data truncated": ("orbax", "**/ocdbt.process_0/d/*", _truncate,
+                                   "{src}/checkpoint_0"),
+    "Orbax metadata truncated": ("orbax", "checkpoint_0/state/_METADATA", _truncate,
+                                 "{src}/checkpoint_0/state/_METADATA: cannot be read"),
+    "Orbax config truncated": ("orbax", "checkpoint_0/config/*", _truncate,
+                               "{src}/checkpoint_0/config: cannot be read"),
+    "path does not exist": ("none", None, None, "checkpoint {src} does not exist"),
+}
+
+
+def _damaged_copy(checkpoints, case, directory):
+  kind, damaged, damage, _ = CORRUPT_CASES[case]
+  directory.mkdir()
+  src = str(directory / kind)
+  if kind == "msgpack":
+    shutil.copy(T5X_TINY, src)
+  elif kind != "none":
+    shutil.copytree(checkpoints / kind, src)
+  if damage is not None:
+    damage(_largest(os.path.join(src, damaged)) if damaged and "*" in damaged
+           else os.path.join(src, damaged) if damaged else src)
+  return src
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CORRUPT_CASES))
+def test_convert_names_the_damaged_file_and_writes_nothing(case, checkpoints, tmp_path):
+  src = _damaged_copy(checkpoints, case, tmp_path / "src")
+  work = tmp_path / "work"
+  work.mkdir()
+  result = subprocess.run(
+      [sys.executable, "-m", "gqa_flax.convert", "--src", src, "--dst", str(work / "dst"),
+       "--num_kv_heads", "1"], cwd=work, env=_env(), capture_output=True, text=True,
+      timeout=300, check=False)
+  assert_one_line_error(result, "gqa-convert", CORRUPT_CASES[case][3].format(src=src))
+  assert os.listdir(work) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["T5X legacy zarr chunk truncated", "Orbax OCDBT data truncated"])
+def test_eval_names_the_damaged_file_and_writes_nothing(case, checkpoints, tmp_path):
+  src = _damaged_copy(checkpoints, case, tmp_path / "src")
+  work = tmp_path / "work"
+  work.mkdir()
+  result = run_command("gqa-eval", [
+      "--gin_file=runs/eval.gin", "--gin_file=experiments/tasks/cnn_dailymail.gin",
+      f"--gin.CHECKPOINT_PATH='{src}'", f"--gin.EVAL_OUTPUT_DIR='{work}/eval'"], cwd=work)
+  assert_one_line_error(result, "gqa-eval", CORRUPT_CASES[case][3].format(src=src))
+  assert os.listdir(work) == []
+
+
+@pytest.mark.slow
+def test_a_conversion_killed_with_sigkill_then_rerun_leaves_only_dst(tmp_path):
+  """The killed writer's DST.tmp-<host>-<pid> is left; the rerun removes it and writes DST,
+  equal array for array to an uninterrupted conversion."""
+  from gqa_flax.checkpoints import convert, reader  # pylint: disable=import-outside-toplevel
+  transformers = pytest.importorskip("transformers")
+  config = transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024,
+                                 num_layers=1, num_heads=8, feed_forward_proj="gated-gelu",
+                                 tie_word_embeddings=False)  # 130 MB: a write that takes a while
+  src = tmp_path / "hf"
+  transformers.T5ForConditionalGeneration(config).save_pretrained(src, safe_serialization=True)
+  work = tmp_path / "work"
+  work.mkdir()
+  command = [sys.executable, "-m", "gqa_flax.convert", "--src", str(src), "--dst",
+             str(work / "dst"), "--num_kv_heads", "2"]
+  writer = subprocess.Popen(command, cwd=work, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    while not glob.glob(f"{work}/dst.tmp-*") and writer.poll() is None and time.time() < deadline:
+      time.sleep(0.01)
+    writer.kill()
+  finally:
+    writer.wait(timeout=60)
+  left = os.listdir(work)
+  assert len(left) == 1 and left[0].startswith("dst.tmp-"), left  # killed while writing
+  rerun = subprocess.run(command, cwd=work, env=_env(), capture_output=True, text=True,
+                         timeout=300, check=False)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert os.listdir(work) == ["dst"]
+  convert.convert_checkpoint(str(src), str(tmp_path / "reference"), 2, progress=False)
+  got, want = reader.open_checkpoint(str(work / "dst")), reader.open_checkpoint(
+      str(tmp_path / "reference"))
+  assert got.config == want.config and sorted(got.arrays) == sorted(want.arrays)
+  for name, array in want.arrays.items():
+    np.testing.assert_array_equal(got.arrays[name].read(), array.read(), err_msg=name)

@@ -16,6 +16,8 @@ Index = Tuple[slice, ...]  # One slice(start, stop) per dimension.
 
 import numpy as np
 
+from gqa_flax import errors
+
 BLOCK_BYTES = 8 * 2**20  # Target size of the row blocks arrays stream in.
 
 
@@ -78,6 +80,24 @@ def mapped(array: LazyArray, fn: Callable[[np.ndarray], np.ndarray],
   blocks = None if array.read_blocks is None else lambda: map(fn, array.read_blocks())
   return LazyArray(shape or array.shape, array.dtype if dtype is None else dtype,
                    lambda: fn(array.read()), blocks)
+
+
+def guarded(array: LazyArray, what: str) -> LazyArray:
+  """`array` whose reads fail as a one-line UserError naming `what` (errors.reading)."""
+  def read():
+    with errors.reading(what):
+      return array.read()
+
+  def read_blocks():
+    with errors.reading(what):
+      yield from array.read_blocks()
+
+  def read_slice(index: Index) -> np.ndarray:
+    with errors.reading(what):
+      return array.read_slice(index)
+
+  return LazyArray(array.shape, array.dtype, read, array.read_blocks and read_blocks,
+                   array.read_slice and read_slice)
 
 
 def in_memory(array: np.ndarray) -> LazyArray:

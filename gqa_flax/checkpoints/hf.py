@@ -88,10 +88,17 @@ def _stored_tensor(filename: str, offset: int, shape: Tuple[int, ...],
 
 def safetensors_arrays(filename: str) -> Dict[str, LazyArray]:
   """{tensor name: LazyArray} of one .safetensors file, from its header only."""
-  with epath.Path(filename).open("rb") as f:
+  size = epath.Path(filename).stat().length
+  with errors.reading(filename), epath.Path(filename).open("rb") as f:
     (header_len,) = struct.unpack("<Q", f.read(8))
+    if 8 + header_len > size:
+      raise ValueError(f"its header of {header_len} bytes does not fit in its {size} bytes")
     header = json.loads(f.read(header_len))
   header.pop("__metadata__", None)
+  end = 8 + header_len + max((info["data_offsets"][1] for info in header.values()), default=0)
+  if end > size:
+    raise errors.UserError(f"{filename}: truncated, {size} bytes where its header needs {end}; "
+                           "write, copy or download the checkpoint again")
   arrays = {}
   for name, info in header.items():
     if info["dtype"] not in _SAFETENSORS_DTYPES:
@@ -143,7 +150,9 @@ def _t5x_name(hf_name: str) -> Tuple[str, bool]:
 
 def open_hf(path: str) -> Tuple[T5Config, Dict[str, LazyArray]]:
   """(config, {T5X name: LazyArray}) of a HF T5 v1.1 directory, reading no weights yet."""
-  config = config_from_hf(json.loads(epath.Path(path, CONFIG_FILE).read_text()))
+  with errors.reading(os.path.join(path, CONFIG_FILE)):
+    hf_config = json.loads(epath.Path(path, CONFIG_FILE).read_text())
+  config = config_from_hf(hf_config)
   index_file = epath.Path(path, WEIGHTS_INDEX_FILE)
   if index_file.exists():
     files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))

@@ -20,6 +20,7 @@ shardings (each process reads the shards its devices hold). Directories may be l
 `gs://` URLs (Orbax and TensorStore take them as they are; see `paths`); a step counts once
 Orbax has finalized it (renamed from its temporary name, or on GCS, its commit_success.txt).
 """
+import logging
 import os
 import re
 from typing import Any, Dict, Optional, Tuple
@@ -41,6 +42,17 @@ STATE_ITEM = "state"
 CONFIG_ITEM = "config"
 METADATA_ITEM = "metadata"
 PARAMS_KEY = "target"
+
+
+class _DropThreadLogsOfUserErrors(logging.Filter):
+  """A LazyArray read fails as a UserError in an Orbax writer thread; Orbax logs it with its
+  traceback, then raises it in the caller, whose command prints it in one line. The log goes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], errors.UserError))
+
+
+logging.getLogger("absl").addFilter(_DropThreadLogsOfUserErrors())
 
 
 class LazyArrayHandler(type_handlers.NumpyHandler):
@@ -136,8 +148,9 @@ def step_dir(path: str) -> Optional[str]:
 def _read_json(directory: str) -> Optional[dict]:
   if not epath.Path(directory).is_dir():
     return None
-  return ocp.Checkpointer(ocp.JsonCheckpointHandler(multiprocessing_options=_alone()),
-                          multiprocessing_options=_alone()).restore(directory)
+  with errors.reading(directory):
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler(multiprocessing_options=_alone()),
+                            multiprocessing_options=_alone()).restore(directory)
 
 
 def _leaf_reader(state_dir: str, name: str, metadata) -> LazyArray:
@@ -161,7 +174,8 @@ def open_orbax(path: str) -> Tuple[Optional[T5Config], Dict[str, LazyArray], int
   """(config or None for T5X's, {name: LazyArray}, step, metadata) of an Orbax checkpoint."""
   directory = paths.absolute(step_dir(path))  # Orbax needs absolute paths.
   state_dir = os.path.join(directory, STATE_ITEM)
-  tree = _pytree_checkpointer().metadata(state_dir).item_metadata.tree
+  with errors.reading(os.path.join(state_dir, "_METADATA")):
+    tree = _pytree_checkpointer().metadata(state_dir).item_metadata.tree
   if PARAMS_KEY not in tree:
     raise errors.UserError(f"{state_dir}: no '{PARAMS_KEY}' (parameters) in the Orbax state item")
   arrays = {name: _leaf_reader(state_dir, name, leaf)
@@ -181,8 +195,10 @@ def restore_sharded(path: str, abstract: Dict[str, jax.ShapeDtypeStruct]) -> Dic
   keys = {name: f"{PARAMS_KEY}/{name}" for name in abstract}
   args = {keys[name]: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
                                            dtype=leaf.dtype) for name, leaf in abstract.items()}
-  restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(paths.absolute(step_dir(path)), STATE_ITEM),
-      args=ocp.args.PyTreeRestore(item=unflatten({keys[n]: a for n, a in abstract.items()}),
-                                  restore_args=unflatten(args), partial_restore=True))
+  state_dir = os.path.join(paths.absolute(step_dir(path)), STATE_ITEM)
+  with errors.reading(state_dir):
+    restored = ocp.PyTreeCheckpointer().restore(
+        state_dir, args=ocp.args.PyTreeRestore(
+            item=unflatten({keys[n]: a for n, a in abstract.items()}),
+            restore_args=unflatten(args), partial_restore=True))
   return flatten(restored[PARAMS_KEY])

@@ -14,10 +14,11 @@ import dataclasses
 from typing import Any, Dict, Optional
 
 import numpy as np
+from etils import epath
 
 from gqa_flax import errors
 from gqa_flax.checkpoints import hf, orbax_format, paths, t5x_legacy
-from gqa_flax.checkpoints.arrays import LazyArray, unflatten
+from gqa_flax.checkpoints.arrays import LazyArray, guarded, unflatten
 from gqa_flax.checkpoints.shapes import check_shapes, config_from_shapes
 from gqa_flax.models.config import T5Config
 
@@ -61,6 +62,8 @@ def resolve(path: str) -> Optional[str]:
 
 def open_checkpoint(path: str) -> CheckpointSource:
   """Detects the format of `path` and lists its parameters; checks names and shapes."""
+  if not epath.Path(path).exists():
+    raise errors.MissingPathError(f"checkpoint {path} does not exist; check the path")
   checkpoint = resolve(path)
   if checkpoint is None:
     raise errors.UserError(
@@ -77,6 +80,8 @@ def open_checkpoint(path: str) -> CheckpointSource:
   else:
     arrays, step = t5x_legacy.open_t5x_legacy(checkpoint)
     source = CheckpointSource(checkpoint, kind, None, arrays, step)
+  source.arrays = {name: guarded(array, f"{checkpoint} (array {name})")
+                   for name, array in source.arrays.items()}
   if source.config is None:  # T5X checkpoints store no config.
     source.config = config_from_shapes({n: a.shape for n, a in source.arrays.items()}, path)
   check_shapes(source.config, {n: a.shape for n, a in source.arrays.items()}, path)

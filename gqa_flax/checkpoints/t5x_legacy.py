@@ -109,19 +109,25 @@ def _zarr_array(spec: Dict[str, Any], checkpoint_dir: str) -> LazyArray:
 
   def open_store():
     if not epath.Path(directory).is_dir():
-      raise errors.MissingPathError(f"TensorStore array directory {directory} is missing")
+      raise errors.MissingPathError(
+          f"TensorStore array directory {directory} is missing; copy the whole checkpoint again")
     return ts.open(spec, open=True, assume_metadata=True).result()
 
-  array = LazyArray(shape, dtype, lambda: open_store().read().result(),
-                    read_slice=lambda index: open_store()[index].read().result())
+  def read(index=()):
+    with errors.reading(directory):
+      return open_store()[index].read().result()
+
+  array = LazyArray(shape, dtype, read, read_slice=read)
   if not shape:
     return array
 
   def read_blocks():
-    chunk_file = _single_gzip_chunk(spec, directory)
-    if chunk_file:
-      return _gunzip_blocks(chunk_file, shape, dtype, array.block_rows())
-    return _tensorstore_blocks(open_store(), array.block_rows())
+    with errors.reading(directory):
+      chunk_file = _single_gzip_chunk(spec, directory)
+      if chunk_file:
+        yield from _gunzip_blocks(chunk_file, shape, dtype, array.block_rows())
+      else:
+        yield from _tensorstore_blocks(open_store(), array.block_rows())
 
   return dataclasses.replace(array, read_blocks=read_blocks)
 
@@ -132,7 +138,7 @@ def read_tree(path: str) -> dict:
   if filename is None:
     raise errors.UserError(
         f"{path} is not a legacy T5X checkpoint (no msgpack file {CHECKPOINT_FILE!r})")
-  with epath.Path(filename).open("rb") as f:
+  with errors.reading(filename), epath.Path(filename).open("rb") as f:
     tree = serialization.msgpack_restore(f.read())
   checkpoint_dir = os.path.dirname(paths.absolute(filename))
 
