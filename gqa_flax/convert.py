@@ -4,13 +4,14 @@
               [--method mean|first|random] [--seed N] [--dtype float32|bfloat16] [--overwrite]
 """
 import argparse
+import os
 import signal
 import sys
 
 import jax
 
 from gqa_flax import errors, pod
-from gqa_flax.checkpoints.convert import DTYPES, METHODS, convert_checkpoint
+from gqa_flax.checkpoints.convert import DTYPES, METHODS, convert_checkpoint, discard_temporary
 
 _POD_WAIT_MS = 24 * 3_600_000  # the other hosts wait up to a day (XXL from gs:// is hours)
 
@@ -65,13 +66,18 @@ def main(argv=None) -> int:
     outcome = {"error": errors.one_line(e)}
   except KeyboardInterrupt:
     outcome = {"error": f"interrupted; {args.dst} was not written (nothing was left behind), "
-                        "rerun the command to convert"}
+                        "rerun the command to convert", "interrupted": True}
   except Exception as e:  # a bug: the other hosts must not wait for ever; then the traceback
     pod.broadcast("convert/outcome", {"error": f"conversion failed on process 0: {e!r}"})
     raise
   outcome = pod.broadcast("convert/outcome", outcome, timeout_ms=_POD_WAIT_MS)
   if "error" in outcome:
-    print(f"gqa-convert: error: {outcome['error']}", file=sys.stderr)
+    print(f"gqa-convert: error: {outcome['error']}", file=sys.stderr, flush=True)
+    if outcome.get("interrupted") and pod.is_writer():
+      # Orbax's writer threads are still running: stop them with the process, not at exit
+      # (each would log its own failure), and remove whatever they wrote meanwhile.
+      discard_temporary(args.dst)
+      os._exit(1)  # pylint: disable=protected-access
     return 1
   print(outcome["ok"])
   return 0

@@ -8,6 +8,7 @@ rules and the typo guard are checked in-process against the repository's own gin
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -261,10 +262,26 @@ def test_eval_names_the_damaged_file_and_writes_nothing(case, checkpoints, tmp_p
   assert os.listdir(work) == []
 
 
+def _stop_while_writing(command, work, signum):
+  """Runs gqa-convert and sends it `signum` once its temporary DST appears."""
+  with subprocess.Popen(command, cwd=work, env=_env(), stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True) as writer:
+    try:
+      deadline = time.time() + 240
+      while (not glob.glob(f"{work}/dst.tmp-*") and writer.poll() is None
+             and time.time() < deadline):
+        time.sleep(0.01)
+      writer.send_signal(signum)
+      stdout, stderr = writer.communicate(timeout=120)
+    finally:
+      writer.kill()
+  return subprocess.CompletedProcess(command, writer.returncode, stdout, stderr)
+
+
 @pytest.mark.slow
-def test_a_conversion_killed_with_sigkill_then_rerun_leaves_only_dst(tmp_path):
-  """The killed writer's DST.tmp-<host>-<pid> is left; the rerun removes it and writes DST,
-  equal array for array to an uninterrupted conversion."""
+def test_a_conversion_stopped_while_writing_leaves_only_what_it_finished(tmp_path):
+  """SIGTERM: one line and nothing left. SIGKILL: the writer's DST.tmp-<host>-<pid> is left;
+  the rerun removes it and writes DST, equal array for array to an uninterrupted conversion."""
   from gqa_flax.checkpoints import convert, reader  # pylint: disable=import-outside-toplevel
   transformers = pytest.importorskip("transformers")
   config = transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024,
@@ -276,15 +293,10 @@ def test_a_conversion_killed_with_sigkill_then_rerun_leaves_only_dst(tmp_path):
   work.mkdir()
   command = [sys.executable, "-m", "gqa_flax.convert", "--src", str(src), "--dst",
              str(work / "dst"), "--num_kv_heads", "2"]
-  writer = subprocess.Popen(command, cwd=work, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 240
-    while not glob.glob(f"{work}/dst.tmp-*") and writer.poll() is None and time.time() < deadline:
-      time.sleep(0.01)
-    writer.kill()
-  finally:
-    writer.wait(timeout=60)
+  stopped = _stop_while_writing(command, work, signal.SIGTERM)
+  assert_one_line_error(stopped, "gqa-convert", "interrupted; ")
+  assert os.listdir(work) == []  # SIGTERM: cleaned up like Ctrl-C
+  _stop_while_writing(command, work, signal.SIGKILL)
   left = os.listdir(work)
   assert len(left) == 1 and left[0].startswith("dst.tmp-"), left  # killed while writing
   rerun = subprocess.run(command, cwd=work, env=_env(), capture_output=True, text=True,

@@ -148,6 +148,12 @@ def _temporary_sibling(dst: str) -> str:
   return f"{dst}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
+def discard_temporary(dst: str) -> None:
+  """Removes this process's temporary sibling of a local DST (after an interruption)."""
+  if not paths.is_url(dst):
+    shutil.rmtree(_temporary_sibling(paths.absolute(dst)), ignore_errors=True)
+
+
 def _alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
