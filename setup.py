@@ -51,13 +51,13 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "gqa-demo=gqa_flax.demo:main",
-            "gqa-train=gqa_flax.train:console",
-            "gqa-eval=gqa_flax.eval:console",
-            "gqa-infer=gqa_flax.infer:console",
-            "gqa-convert=gqa_flax.convert:main",
-            "gqa-reproduce=gqa_flax.reproduce.cli:console",
-            "gqa-plan=gqa_flax.planning.plan:console",
+            "gqa-demo=gqa_flax.console:demo",
+            "gqa-train=gqa_flax.console:train",
+            "gqa-eval=gqa_flax.console:evaluate",
+            "gqa-infer=gqa_flax.console:infer",
+            "gqa-convert=gqa_flax.console:convert",
+            "gqa-reproduce=gqa_flax.console:reproduce",
+            "gqa-plan=gqa_flax.console:plan",
         ],
     },
 )

@@ -309,3 +309,19 @@ def test_a_conversion_stopped_while_writing_leaves_only_what_it_finished(tmp_pat
   assert got.config == want.config and sorted(got.arrays) == sorted(want.arrays)
   for name, array in want.arrays.items():
     np.testing.assert_array_equal(got.arrays[name].read(), array.read(), err_msg=name)
+
+
+@pytest.mark.slow
+def test_the_installed_script_picks_the_cpu_without_libtpu_lines(tmp_path):
+  """With JAX_PLATFORMS unset on a machine without an accelerator, the console script itself
+  chooses the CPU backend: an installed libtpu prints nothing."""
+  from gqa_flax import console  # pylint: disable=import-outside-toplevel
+  if console._attached(console._TPU_DEVICES + console._GPU_DEVICES):  # pylint: disable=protected-access
+    pytest.skip("an accelerator is attached")
+  script = os.path.join(os.path.dirname(sys.executable), "gqa-convert")
+  env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
+  result = subprocess.run([script, "--src", T5X_TINY, "--dst", str(tmp_path / "mqa"),
+                           "--num_kv_heads", "1"], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr[-2000:]

@@ -11,6 +11,7 @@ macro that a gin file assigns but no gin file ever uses (a typo, `BATCH_SZE = 8`
 import contextlib
 import importlib.util  # gin 0.5.0 uses importlib.util without importing it
 import glob
+import logging
 import os
 import re
 import sys
@@ -251,7 +252,7 @@ def run(main: Callable[[], None], prog: str, doc: str, join_pod: bool = True,
         flag_modules: Sequence[str] = (), read_by_code: Sequence[str] = (),
         require_complete: bool = True) -> None:
   """Console-script entry: `--help` prints `help_text`; otherwise parses flags (after the
-  --gin.X rewrite), joins the pod (unless `join_pod` is False: gqa-plan compiles for a slice
+  --gin.X rewrite), turns library INFO logs off (unless --verbosity is given), joins the pod (unless `join_pod` is False: gqa-plan compiles for a slice
   it is not on), parses gin, warns of unused macros (`read_by_code`: macros the command
   reads itself), refuses an incomplete config (`require_complete`), then `main()`. A
   UserError ends the command in one line, exit 1."""
@@ -261,6 +262,8 @@ def run(main: Callable[[], None], prog: str, doc: str, join_pod: bool = True,
     sys.exit(0)
 
   def wrapped(argv):
+    if not FLAGS["verbosity"].present:  # our progress lines and every warning; no library INFO
+      logging.getLogger("absl").setLevel(logging.WARNING)
     try:
       if len(argv) > 1:
         raise errors.UserError(f"unexpected arguments {' '.join(argv[1:])}; pass settings as "
