@@ -22,7 +22,11 @@ from gqa_flax.training import gin_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = {"gqa-train": "gqa_flax.train", "gqa-eval": "gqa_flax.eval",
-            "gqa-infer": "gqa_flax.infer"}
+            "gqa-infer": "gqa_flax.infer", "gqa-convert": "gqa_flax.convert",
+            "gqa-reproduce": "gqa_flax.reproduce.cli"}
+GIN_COMMANDS = ["gqa-train", "gqa-eval", "gqa-infer"]
+T5X_TINY = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "t5x",
+                        "test_t5_tiny.checkpoint_0")
 TINY = ["--gin_file=experiments/tiny_pretrain.gin"]
 SETTINGS_CASES = {
     "train: settings missing": (
@@ -62,6 +66,17 @@ SETTINGS_CASES = {
     "infer: settings missing": (
         "gqa-infer", ["--gin_file=runs/infer.gin", "--gin_file=experiments/tasks/arxiv.gin"],
         "gin settings CHECKPOINT_PATH, INFER_OUTPUT_DIR not set"),
+    "convert: groups that do not divide the heads": (
+        "gqa-convert", ["--src", "{t5x_tiny}", "--dst", "{tmp}/dst", "--num_kv_heads", "5"],
+        "num_kv_heads=5 must be a positive divisor of num_heads=4"),
+    "convert: DST exists": (
+        "gqa-convert", ["--src", "{t5x_tiny}", "--dst", "{tmp}", "--num_kv_heads", "1"],
+        "DST {tmp} exists; pass --overwrite to replace it"),
+    "reproduce: unknown preset": (
+        "gqa-reproduce", ["--preset", "mni", "--out", "{tmp}/out"], "unknown preset 'mni'"),
+    "reproduce: unknown binding": (
+        "gqa-reproduce", ["--preset", "smoke", "--out", "{tmp}/out", "--gin_bindings",
+                          "Preset.eval_exampels=5"], "eval_exampels"),
     "vocabulary flag and gin binding are accepted": (
         "gqa-train", ["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin",
                       "--gqa_vocab_path={tmp}/spm.model",
@@ -98,13 +113,14 @@ def test_bad_settings_end_in_one_line_with_nothing_written(case, tmp_path):
   prog, args, expected = SETTINGS_CASES[case]
   (tmp_path / "typo.gin").write_text("include 'experiments/tiny_pretrain.gin'\ntrian.eval_steps = 2\n")
   before = tree(tmp_path)
-  result = run_command(prog, [a.format(tmp=tmp_path) for a in args], cwd=tmp_path)
+  result = run_command(prog, [a.format(tmp=tmp_path, t5x_tiny=T5X_TINY) for a in args],
+                       cwd=tmp_path)
   assert_one_line_error(result, prog, expected.format(tmp=tmp_path))
   assert tree(tmp_path) == before
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prog", list(COMMANDS))
+@pytest.mark.parametrize("prog", GIN_COMMANDS)
 def test_help_lists_the_gin_flags_and_exits_0(prog, tmp_path):
   result = run_command(prog, ["--help"], cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -161,9 +177,6 @@ def test_the_mini_tasks_take_the_vocabulary_the_user_set(monkeypatch, tmp_path):
   assert mini.MiniVocabulary().sentencepiece_model_file == str(tmp_path / "spm.model")
   assert vocab.get_vocabulary().sentencepiece_model_file == str(tmp_path / "spm.model")
 
-
-T5X_TINY = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "t5x",
-                        "test_t5_tiny.checkpoint_0")
 
 
 @pytest.fixture(scope="module")
