@@ -4,6 +4,7 @@
               [--method mean|first|random] [--seed N] [--dtype float32|bfloat16] [--overwrite]
 """
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -11,7 +12,8 @@ import sys
 import jax
 
 from gqa_flax import errors, pod
-from gqa_flax.checkpoints.convert import DTYPES, METHODS, convert_checkpoint, discard_temporary
+from gqa_flax.checkpoints.convert import (DTYPES, METHODS, convert_checkpoint,
+                                          discard_temporary_at_exit)
 
 _POD_WAIT_MS = 24 * 3_600_000  # the other hosts wait up to a day (XXL from gs:// is hours)
 
@@ -51,12 +53,26 @@ def _convert(args: argparse.Namespace) -> str:
           f"cross_num_kv_heads={config.cross_num_kv_heads}) to {args.dst}")
 
 
+def _stop(dst: str, signum: int, frame) -> None:
+  """Ctrl-C or SIGTERM: one line (after the progress bar's), and the process ends at once,
+  Orbax's writer threads with it (an exception raised into a running conversion could be
+  swallowed by a finalizer, and the threads would log their failures); its temporary DST is
+  removed once it has ended."""
+  del frame
+  print(f"\ngqa-convert: error: interrupted ({signal.Signals(signum).name}); {dst} was not "
+        "written and nothing was left behind; rerun the command to convert", file=sys.stderr,
+        flush=True)
+  discard_temporary_at_exit(dst)
+  os._exit(1)  # pylint: disable=protected-access
+
+
 def main(argv=None) -> int:
   """On a pod (every host runs the command) process 0 converts and the others wait for its
   outcome, so DST is written once and every host exits alike."""
   args = parse_args(argv)
   outcome = {}
-  signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleaned up like Ctrl-C
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, functools.partial(_stop, args.dst))
   try:
     pod.initialize(**pod.flags_of(args))
     jax.devices()  # every host: starting the backend of a pod is itself a collective step
@@ -64,20 +80,12 @@ def main(argv=None) -> int:
       outcome = {"ok": _convert(args)}
   except (ValueError, OSError) as e:
     outcome = {"error": errors.one_line(e)}
-  except KeyboardInterrupt:
-    outcome = {"error": f"interrupted; {args.dst} was not written (nothing was left behind), "
-                        "rerun the command to convert", "interrupted": True}
   except Exception as e:  # a bug: the other hosts must not wait for ever; then the traceback
     pod.broadcast("convert/outcome", {"error": f"conversion failed on process 0: {e!r}"})
     raise
   outcome = pod.broadcast("convert/outcome", outcome, timeout_ms=_POD_WAIT_MS)
   if "error" in outcome:
     print(f"gqa-convert: error: {outcome['error']}", file=sys.stderr, flush=True)
-    if outcome.get("interrupted") and pod.is_writer():
-      # Orbax's writer threads are still running: stop them with the process, not at exit
-      # (each would log its own failure), and remove whatever they wrote meanwhile.
-      discard_temporary(args.dst)
-      os._exit(1)  # pylint: disable=protected-access
     return 1
   print(outcome["ok"])
   return 0

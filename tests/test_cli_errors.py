@@ -307,7 +307,10 @@ def test_a_conversion_stopped_while_writing_leaves_only_what_it_finished(tmp_pat
   command = [sys.executable, "-m", "gqa_flax.convert", "--src", str(src), "--dst",
              str(work / "dst"), "--num_kv_heads", "2"]
   stopped = _stop_while_writing(command, work, signal.SIGTERM)
-  assert_one_line_error(stopped, "gqa-convert", "interrupted; ")
+  assert_one_line_error(stopped, "gqa-convert", "interrupted (SIGTERM); ")
+  deadline = time.time() + 30  # removed once the stopped process has ended
+  while os.listdir(work) and time.time() < deadline:
+    time.sleep(0.1)
   assert os.listdir(work) == []  # SIGTERM: cleaned up like Ctrl-C
   _stop_while_writing(command, work, signal.SIGKILL)
   left = os.listdir(work)

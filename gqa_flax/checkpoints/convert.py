@@ -25,6 +25,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import zlib
 from typing import Callable, Dict, Optional
 
@@ -148,10 +150,27 @@ def _temporary_sibling(dst: str) -> str:
   return f"{dst}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
-def discard_temporary(dst: str) -> None:
-  """Removes this process's temporary sibling of a local DST (after an interruption)."""
+_REMOVE_AFTER_EXIT = """
+import os, shutil, sys, time
+pid, path = int(sys.argv[1]), sys.argv[2]
+for _ in range(12000):  # up to 10 minutes
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    break
+  time.sleep(0.05)
+shutil.rmtree(path, ignore_errors=True)
+"""
+
+
+def discard_temporary_at_exit(dst: str) -> None:
+  """Removes this process's temporary sibling of a local DST once this process has ended
+  (its writer threads with it), from a small detached process: call, then exit at once."""
   if not paths.is_url(dst):
-    shutil.rmtree(_temporary_sibling(paths.absolute(dst)), ignore_errors=True)
+    subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable, "-c", _REMOVE_AFTER_EXIT, str(os.getpid()),
+         _temporary_sibling(paths.absolute(dst))], start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _alive(pid: int) -> bool:

@@ -44,17 +44,15 @@ METADATA_ITEM = "metadata"
 PARAMS_KEY = "target"
 
 
-class _DropLogsOfReportedErrors(logging.Filter):
-  """A LazyArray read failing as a UserError in an Orbax writer thread, or Ctrl-C / SIGTERM
-  while Orbax waits for one: Orbax logs it with a traceback, then raises it in the caller,
-  whose command reports it in one line. Orbax's log of it goes."""
+class _DropThreadLogsOfUserErrors(logging.Filter):
+  """A LazyArray read fails as a UserError in an Orbax writer thread; Orbax logs it with its
+  traceback, then raises it in the caller, whose command prints it in one line. The log goes."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.exc_info and
-                isinstance(record.exc_info[1], (errors.UserError, KeyboardInterrupt)))
+    return not (record.exc_info and isinstance(record.exc_info[1], errors.UserError))
 
 
-logging.getLogger("absl").addFilter(_DropLogsOfReportedErrors())
+logging.getLogger("absl").addFilter(_DropThreadLogsOfUserErrors())
 
 
 class LazyArrayHandler(type_handlers.NumpyHandler):
