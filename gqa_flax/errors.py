@@ -3,11 +3,11 @@
 A `UserError` is a mistake of the user's (a bad flag, a missing gin setting, a path that does not
 exist, a corrupt checkpoint, missing data): its message is one line, `<what is wrong, naming the
 file/setting/value>; <how to fix it>`. The commands print it as `gqa-<cmd>: error: <message>` and
-exit 1 (`exit_with`); anything else is a bug and keeps its traceback.
+exit 1 (on a pod every process does: `pod.fail`); anything else is a bug and keeps its traceback.
 """
 import contextlib
 import sys
-from typing import Iterator, NoReturn
+from typing import Iterator
 
 
 class UserError(ValueError):
@@ -22,12 +22,6 @@ def one_line(error: BaseException) -> str:
   """The first line of an error's message (gin appends the configurable and file on others)."""
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__
-
-
-def exit_with(prog: str, error: BaseException) -> NoReturn:
-  """Prints `prog: error: <first line>` on stderr and exits 1."""
-  print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
-  sys.exit(1)
 
 
 @contextlib.contextmanager

@@ -11,19 +11,27 @@ others (`initialize`):
 Writes that are not collective computations have one writer, process 0 (`is_writer`); the
 others wait for it at a `barrier`, and a decision taken by the writer reaches every host
 with `broadcast` (both through the coordination service that jax.distributed starts, so
-they need no accelerator and no compiled program).
+they need no accelerator and no compiled program). A process that fails reports it there
+(`fail`), and every other process, watching (`watch_for_failures`), ends at once with the
+same line.
 """
 import argparse
+import atexit
 import collections
 import json
 import os
-from typing import Any, Optional
+import sys
+import threading
+from typing import Any, NoReturn, Optional
 
 import jax
 
 from gqa_flax import errors
 
 _TIMEOUT_MS = 3_600_000  # a barrier waits up to an hour (a stage's conversion at XXL)
+_FAILED_KEY = "gqa_flax/failed"  # {'process', 'message'} of the first process that failed
+_WATCH_PERIOD_S = 0.5
+_ACK_MS = 10_000  # how long a failing process waits for the others to have read its failure
 _uses = collections.Counter()  # every process passes the same barriers in the same order
 
 
@@ -135,6 +143,71 @@ def gather(name: str, value: Any, timeout_ms: int = _TIMEOUT_MS) -> list:
   client.key_value_set(f"{key}/{process_index()}", json.dumps(value))
   return [json.loads(client.blocking_key_value_get(f"{key}/{i}", timeout_ms))
           for i in range(process_count())]
+
+
+def _failure_line(prog: str, message: str, index: int) -> str:
+  return f"{prog}: error: {message} (process {index} of {process_count()})"
+
+
+def watch_for_failures(prog: str) -> None:
+  """On a pod: a daemon thread that ends this process as soon as another process reports a
+  failure (`fail`), printing that process's line, so no host waits in a collective or a
+  barrier for a peer that is gone. It polls the coordination service twice a second and
+  stops at exit, before jax.distributed shuts the service down. A single host does nothing."""
+  if not joined():
+    return
+  client, me, stop = _client_state().client, process_index(), threading.Event()
+
+  def watch():
+    while not stop.wait(_WATCH_PERIOD_S):
+      try:
+        failure = json.loads(client.key_value_try_get(_FAILED_KEY))
+      except Exception:  # pylint: disable=broad-except  (not set: no failure yet)
+        continue
+      if failure["process"] == me:
+        return
+      print(_failure_line(prog, failure["message"], failure["process"]), file=sys.stderr,
+            flush=True)
+      client.key_value_set(f"{_FAILED_KEY}/seen/{me}", "1")
+      if is_writer():  # process 0 holds the service: the others must read the failure first
+        _await_seen(client, skip=(me, failure["process"]))
+      os._exit(1)  # pylint: disable=protected-access
+
+  watcher = threading.Thread(target=watch, name="gqa_flax_pod_watch", daemon=True)
+  watcher.start()
+
+  def stop_watching():
+    stop.set()
+    watcher.join()
+
+  atexit.register(stop_watching)  # runs before jax.distributed's shutdown (registered earlier)
+
+
+def fail(prog: str, message: str) -> NoReturn:
+  """Ends this command with `prog: error: message`: on a pod, every process prints the same
+  line (with this process's index) and exits 1 within seconds (`watch_for_failures`); the
+  exit is immediate (jax.distributed's shutdown would wait for the processes that left)."""
+  if not joined():
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  client, me = _client_state().client, process_index()
+  print(_failure_line(prog, message, me), file=sys.stderr, flush=True)
+  try:
+    client.key_value_set(_FAILED_KEY, json.dumps({"process": me, "message": message}))
+  except Exception:  # pylint: disable=broad-except  (another process failed first)
+    pass
+  _await_seen(client, skip=(me,))  # they read it from the service, which may be ours
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _await_seen(client, skip) -> None:
+  """Waits (a few seconds at most) until every process not in `skip` has read the failure."""
+  for other in range(process_count()):
+    if other not in skip:
+      try:
+        client.blocking_key_value_get(f"{_FAILED_KEY}/seen/{other}", _ACK_MS)
+      except Exception:  # pylint: disable=broad-except  (it is gone already)
+        pass
 
 
 def broadcast(name: str, value: Any = None, timeout_ms: int = _TIMEOUT_MS) -> Any:

@@ -50,11 +50,14 @@ class Pod:
   """N processes of one command, started at once; `wait` bounds them, `kill` ends them."""
 
   def __init__(self, argv: Sequence[str], num_processes: int = 2, devices_per_process: int = 4,
-               env: Optional[Dict[str, str]] = None):
+               env: Optional[Dict[str, str]] = None,
+               process_args: Dict[int, Sequence[str]] = None):
+    """process_args: {process index: extra arguments of that process only}."""
     port = free_port()
     self.logs = [tempfile.TemporaryFile(mode="w+") for _ in range(num_processes)]
     self.processes = [
-        subprocess.Popen(list(argv) + pod_flags(port, num_processes, i), cwd=ROOT,
+        subprocess.Popen(list(argv) + list((process_args or {}).get(i, ()))
+                         + pod_flags(port, num_processes, i), cwd=ROOT,
                          env=env_for(devices_per_process, env), stdout=log,
                          stderr=subprocess.STDOUT, start_new_session=True)
         for i, log in enumerate(self.logs)]
@@ -75,6 +78,17 @@ class Pod:
           pass
     for process in self.processes:
       process.wait()
+
+  def exit_times(self, timeout: float) -> List[float]:
+    """Seconds from now until each process exited by itself; all killed past `timeout`."""
+    start, exited = time.time(), {}
+    while len(exited) < len(self.processes) and time.time() < start + timeout:
+      for i, process in enumerate(self.processes):
+        if i not in exited and process.poll() is not None:
+          exited[i] = time.time() - start
+      time.sleep(0.1)
+    self.kill()
+    return [exited.get(i, float("inf")) for i in range(len(self.processes))]
 
   def wait(self, timeout: float, check: bool = True) -> List[Result]:
     """Waits for every process; kills all on timeout or on the first failure."""

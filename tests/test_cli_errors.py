@@ -111,7 +111,8 @@ def tree(path):
 @pytest.mark.parametrize("case", list(SETTINGS_CASES))
 def test_bad_settings_end_in_one_line_with_nothing_written(case, tmp_path):
   prog, args, expected = SETTINGS_CASES[case]
-  (tmp_path / "typo.gin").write_text("include 'experiments/tiny_pretrain.gin'\ntrian.eval_steps = 2\n")
+  (tmp_path / "typo.gin").write_text(
+      "include 'experiments/tiny_pretrain.gin'\ntrian.eval_steps = 2\n")
   before = tree(tmp_path)
   result = run_command(prog, [a.format(tmp=tmp_path, t5x_tiny=T5X_TINY) for a in args],
                        cwd=tmp_path)
@@ -182,7 +183,8 @@ def test_the_mini_tasks_take_the_vocabulary_the_user_set(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   """One small checkpoint of each format, from the real T5X fixture (HF: transformers)."""
-  from gqa_flax.checkpoints import convert, reader, t5x_legacy  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from gqa_flax.checkpoints import convert, reader, t5x_legacy
   root = tmp_path_factory.mktemp("formats")
   source = reader.open_checkpoint(T5X_TINY)
   t5x_legacy.write_t5x_legacy(str(root / "legacy"), source.arrays, 0, inline_max_bytes=1024)
@@ -332,7 +334,8 @@ def test_the_installed_script_picks_the_cpu_without_libtpu_lines(tmp_path):
   """With JAX_PLATFORMS unset on a machine without an accelerator, the console script itself
   chooses the CPU backend: an installed libtpu prints nothing."""
   from gqa_flax import console  # pylint: disable=import-outside-toplevel
-  if console._attached(console._TPU_DEVICES + console._GPU_DEVICES):  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  if console._attached(console._TPU_DEVICES + console._GPU_DEVICES):
     pytest.skip("an accelerator is attached")
   script = os.path.join(os.path.dirname(sys.executable), "gqa-convert")
   env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}

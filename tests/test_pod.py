@@ -239,3 +239,21 @@ def test_pod_eval_decodes_each_example_once_and_writes_one_metrics_file(tmp_path
   assert read("pod", predictions) == read("single", predictions)
   assert len(rows) == 13 and len({row["inputs"] for row in rows}) == 13
   assert any(row["prediction"] for row in rows)
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_user_error_on_one_process_ends_every_process_with_its_line(tmp_path, failing):
+  """One host's INITIAL_CHECKPOINT_PATH does not exist: it fails before the barrier the other
+  waits at (an hour's timeout), and both end within seconds with the same line."""
+  job = pod.Pod(_train_argv(tmp_path / "run", 1), process_args={
+      failing: [f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path}/nowhere'"]})
+  exit_times = job.exit_times(TIMEOUT)
+  outputs = job.outputs()
+  assert max(exit_times) - min(exit_times) < 20, (exit_times, [o[-2000:] for o in outputs])
+  assert [p.returncode for p in job.processes] == [1, 1], [o[-2000:] for o in outputs]
+  lines = [[line for line in output.splitlines() if line.startswith("gqa-train: error:")]
+           for output in outputs]
+  assert lines[0] == lines[1] and len(lines[0]) == 1, lines
+  assert f"restore path {tmp_path}/nowhere is not" in lines[0][0]
+  assert lines[0][0].endswith(f"(process {failing} of 2)")
+  assert not any("Traceback" in output for output in outputs)

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tokenize
+import traceback
 from typing import Callable, Iterator, List, Sequence, Set
 
 from absl import app, flags
@@ -252,10 +253,12 @@ def run(main: Callable[[], None], prog: str, doc: str, join_pod: bool = True,
         flag_modules: Sequence[str] = (), read_by_code: Sequence[str] = (),
         require_complete: bool = True) -> None:
   """Console-script entry: `--help` prints `help_text`; otherwise parses flags (after the
-  --gin.X rewrite), turns library INFO logs off (unless --verbosity is given), joins the pod (unless `join_pod` is False: gqa-plan compiles for a slice
-  it is not on), parses gin, warns of unused macros (`read_by_code`: macros the command
+  --gin.X rewrite), turns library INFO logs off (unless --verbosity is given), joins the
+  pod (unless `join_pod` is False: gqa-plan compiles for a slice it is not on) and watches
+  it for failures, parses gin, warns of unused macros (`read_by_code`: macros the command
   reads itself), refuses an incomplete config (`require_complete`), then `main()`. A
-  UserError ends the command in one line, exit 1."""
+  UserError ends the command in one line, exit 1; on a pod, every process ends with it
+  (`pod.fail`), and so does a bug (after its traceback)."""
   argv = rewrite_gin_args(sys.argv)
   if any(arg in _HELP_FLAGS for arg in argv[1:]):
     print(help_text(prog, doc, flag_modules))
@@ -271,6 +274,7 @@ def run(main: Callable[[], None], prog: str, doc: str, join_pod: bool = True,
       if join_pod:
         pod.initialize(FLAGS.multiprocess_gpu, FLAGS.coordinator_address, FLAGS.process_count,
                        FLAGS.process_index)
+        pod.watch_for_failures(prog)
       if FLAGS.tfds_data_dir:
         seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
       parsed = parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
@@ -281,5 +285,11 @@ def run(main: Callable[[], None], prog: str, doc: str, join_pod: bool = True,
         check_complete()
       main()
     except errors.UserError as e:
-      errors.exit_with(prog, e)
+      pod.fail(prog, errors.one_line(e))
+    except Exception as e:  # pylint: disable=broad-except
+      if not pod.joined():
+        raise  # a bug: its traceback
+      traceback.print_exc()  # a bug on a pod: its traceback here, and every host ends now
+      pod.fail(prog, f"{type(e).__name__}: {errors.one_line(e)} (a bug; see the traceback of "
+               "this process)")
   app.run(wrapped, argv=argv)
