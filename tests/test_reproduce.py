@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gqa_flax.reproduce import cli
+from gqa_flax.reproduce import cli, statistics
 from gqa_flax.reproduce.presets import Variant, load_preset
 from gqa_flax.reproduce.stages import Plan
 
@@ -55,6 +55,39 @@ def test_smoke_table_and_figures(smoke_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+CLAIM_KEYS = {"id", "statement", "measure", "estimate", "ci95", "paper_direction", "threshold",
+              "verdict"}
+
+
+@pytest.mark.slow
+def test_smoke_claims_follow_from_their_intervals(smoke_run):
+  """claims.json has the schema, each verdict follows from its interval by the rule, and a
+  claim whose variants the smoke preset lacks is 'not run' naming them."""
+  out, _, _ = smoke_run
+  written = json.loads((out / "claims.json").read_text())
+  assert written["preset"] == "smoke"
+  by_id = {claim["id"]: claim for claim in written["claims"]}
+  assert set(by_id) == {"C1", "C2", "C2b", "C3a", "C3b", "C4", "C5", "C6"}
+  for claim in written["claims"]:
+    assert CLAIM_KEYS <= set(claim) and claim["paper_direction"] in ("<", ">"), claim
+    if claim["verdict"] == "not run":
+      assert claim["ci95"] is None and claim["missing"], claim
+      continue
+    low, high = claim["ci95"]
+    assert low <= claim["estimate"] <= high or not math.isfinite(low), claim
+    assert claim["verdict"] == statistics.verdict(
+        statistics.Interval(claim["estimate"], low, high), claim["paper_direction"],
+        claim["threshold"])
+  # Run: MHA, MQA at alpha 0 and 0.05, GQA-2 at alpha 0, Figure 6 at G 1, 2, 4.
+  assert {c for c, claim in by_id.items() if claim["verdict"] != "not run"} == {"C2", "C4", "C5"}
+  assert by_id["C1"]["missing"] == ["heldout/tiny-gqa2-a0.05-mean"]
+  heldout = json.loads((out / "stages" / "heldout" / "result.json").read_text())
+  assert heldout["num_examples"] == 16 and all(
+      len(losses) == 16 and all(math.isfinite(x) and x > 0 for x in losses)
+      for losses in heldout["losses"].values())
+  assert "| C2 |" in (out / "claims.md").read_text()
+
+
 @pytest.mark.slow
 def test_smoke_rerun_skips_done_stages_and_reruns_missing(smoke_run):
   out, _, _ = smoke_run
@@ -92,6 +125,15 @@ def test_plan_runs_the_project_entry_points(tmp_path):
       in finetune
   assert "--gin.TRAIN_STEPS=1100" in finetune
   assert len(preset.variants) == 9 and len(preset.table_variants) == 3
+  # The held-out losses: every conversion right after it (alpha 0) and every uptrained run.
+  heldout = stages["heldout"].argv
+  assert heldout[1:3] == ["-m", "gqa_flax.reproduce.heldout"]
+  assert (f"--score=heldout/mini-mqa-a0-mean={tmp_path}/runs/convert-mini-mqa-mean/"
+          "checkpoint_1000") in heldout
+  assert (f"--score=heldout/mini-mqa-a0.05-mean={tmp_path}/runs/uptrain-mini-mqa-mean/"
+          "checkpoint_1050") in heldout
+  assert f"--score=heldout/mini-mha={tmp_path}/runs/pretrain-mini/checkpoint_1000" in heldout
+  assert names.index("heldout") > names.index("uptrain-mini-mqa-a0.1-mean")
   for stage in stages.values():
     for arg in stage.argv:
       if arg.startswith("--gin_file=") or (arg.startswith("--eval=")):

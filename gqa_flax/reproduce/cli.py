@@ -6,7 +6,9 @@
   gqa-reproduce --preset mini --out runs/mini --list # the stage view and commands, no run
 
 Rerunning with the same --out skips finished stages and reruns failed ones. Writes
-OUT/table1.md, OUT/table1.json and OUT/fig3.png ... OUT/fig6.png. On a pod every host runs the
+OUT/table1.md, OUT/table1.json, OUT/claims.json and OUT/claims.md (the paper's claims with
+their intervals and verdicts, `claims.py`) and OUT/fig3.png ... OUT/fig6.png. On a pod every
+host runs the
 same command (TPU VMs: nothing to add; GPU/CPU clusters: T5X's --multiprocess_gpu
 --coordinator_address=HOST:PORT --process_count=N --process_index=I, where the stages use the
 ports after PORT); OUT may be a gs:// URL.
@@ -17,7 +19,7 @@ import sys
 import time
 
 from gqa_flax import pod
-from gqa_flax.reproduce import figures, report, runner
+from gqa_flax.reproduce import claims, figures, report, runner
 from gqa_flax.reproduce.presets import load_preset
 from gqa_flax.reproduce.stages import Plan
 
@@ -67,6 +69,8 @@ def main(argv=None) -> int:
     if not pod.is_writer():
       return 0
     table = report.write_report(plan, records, seconds)
+    claims.write_claims(plan.out, preset.name, claims.preset_claims(preset),
+                        claims.measurements(records))
     bad = report.check_finite(table)
     if bad:
       raise ValueError(f"non-finite results: {'; '.join(bad)}")

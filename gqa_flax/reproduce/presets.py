@@ -63,6 +63,9 @@ class Preset:
   variants: (model, kv_heads, alpha, method) tuples; Table 1's rows are `table_variants`.
   prepare: options of `gqa_flax.data.prepare --mini` ({} prepares nothing).
   eval_examples, eval_batch_size: test examples scored per task, decoding batch.
+  heldout_task_gin, heldout_examples, heldout_batch_size: the held-out loss stage (the claims'
+    measure): every variant's loss, right after conversion and after uptraining, on the first
+    `heldout_examples` validation examples of the task gin file's task (0: no such stage).
   timing_repeats: timed repeats of one decoding batch (median; compilation excluded).
   fig6: {'model', 'groups', 'inputs', 'targets', 'batch'} for time per sample vs groups.
   decode_partitions: model-parallel size of the evaluate and timing stages' decoding mesh.
@@ -85,6 +88,9 @@ class Preset:
   eval_examples: int = 100
   eval_batch_size: int = 16
   timing_repeats: int = 5
+  heldout_task_gin: str = ""
+  heldout_examples: int = 0
+  heldout_batch_size: int = 8
 
   def __post_init__(self):
     parsed = tuple(Variant(*v) for v in self.variants)

@@ -4,6 +4,8 @@
   pretrain-MODEL                 python -m gqa_flax.train  (models without a checkpoint)
   convert-MODEL-ATTN-METHOD      python -m gqa_flax.convert
   uptrain-VARIANT                python -m gqa_flax.train  (runs/uptrain.gin; alpha > 0)
+  heldout                        python -m gqa_flax.reproduce.heldout (every variant's held-out
+                                 loss after conversion and uptraining; the claims' measure)
   finetune-VARIANT-TASK          python -m gqa_flax.train  (runs/finetune.gin + task gin)
   evaluate                       python -m gqa_flax.reproduce.evaluate (gqa-eval's evaluate() on
                                  every variant's test splits, and decode timing)
@@ -126,6 +128,8 @@ class Plan:
         add(Stage(f"uptrain-{v.key}", self._train(
             v, p.uptrain_gin, self._uptrain_run(v), self.start_step(v),
             self._step_dir(convert, p.pretrain_steps))))
+    if p.heldout_examples:
+      add(self._heldout_stage())
     for v in p.variants:
       for task, task_gin in p.tasks.items():
         run = self.finetune_run(v, task)
@@ -148,6 +152,26 @@ class Plan:
         f"--repeats={p.timing_repeats}", f"--num_partitions={p.decode_partitions}",
         f"--output={result}"), result))
     return list(stages.values())
+
+  def heldout_checkpoints(self) -> Dict[str, str]:
+    """{'heldout/<variant key>': checkpoint} of every variant as fine-tuning starts from it,
+    and of every converted variant right after conversion (alpha 0)."""
+    checkpoints = {}
+    for v in self.preset.variants:
+      variants = [v] if v.kv_heads is None else [Variant(v.model, v.kv_heads, 0.0, v.method), v]
+      for scored in variants:
+        checkpoints[f"heldout/{scored.key}"] = self.start_checkpoint(scored)
+    return checkpoints
+
+  def _heldout_stage(self) -> Stage:
+    p = self.preset
+    result = os.path.join(self.stage_dir("heldout"), "result.json")
+    return Stage("heldout", _module(
+        "gqa_flax.reproduce.heldout", f"--output={result}", f"--task_gin={p.heldout_task_gin}",
+        f"--num_examples={p.heldout_examples}", f"--batch_size={p.heldout_batch_size}",
+        f"--num_partitions={p.decode_partitions}",
+        *(f"--score={name}={checkpoint}"
+          for name, checkpoint in self.heldout_checkpoints().items())), result)
 
   def env(self) -> Dict[str, str]:
     """The stages' environment: the mini corpus' data dir when this run prepares one, and

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
+from typing import Callable, List
 
 import jax
 import numpy as np
@@ -29,16 +29,23 @@ from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 from gqa_flax.training.partitioning import Partitioner
 
 
-def seconds_per_sample(decode: Callable[[], jax.Array], batch_size: int, repeats: int) -> float:
-  """Median wall time of `decode()` over `repeats` runs / batch_size; one untimed warm-up
-  run compiles first."""
+def per_sample_times(decode: Callable[[], jax.Array], batch_size: int,
+                     repeats: int) -> List[float]:
+  """Wall time of each of `repeats` runs of `decode()` / batch_size; one untimed warm-up run
+  compiles first."""
   seconds = runners.timed(lambda: jax.block_until_ready(decode()), repeats, "decode")
-  return runners.median(seconds) / batch_size
+  return [s / batch_size for s in seconds]
+
+
+def seconds_per_sample(decode: Callable[[], jax.Array], batch_size: int, repeats: int) -> float:
+  """The median of `per_sample_times`."""
+  return runners.median(per_sample_times(decode, batch_size, repeats))
 
 
 def time_groups(checkpoint: str, groups, inputs: int, targets: int, batch_size: int,
                 repeats: int, partitioner: Partitioner) -> list:
-  """[{'kv_heads', 't_infer_s'}] for every G in `groups`."""
+  """[{'kv_heads', 'attention', 't_infer_s' (median), 't_infer_repeats_s'}] for every G in
+  `groups`."""
   source = open_checkpoint(checkpoint)
   tokens = np.random.default_rng(0).integers(
       2, source.config.vocab_size, (batch_size, inputs)).astype(np.int32)
@@ -47,9 +54,11 @@ def time_groups(checkpoint: str, groups, inputs: int, targets: int, batch_size: 
     config, arrays = convert_arrays(source, g, method="mean")
     params = unflatten({name: np.asarray(array.read()) for name, array in arrays.items()})
     decoder = predictor.from_host_params(EncoderDecoderModel(config), params, partitioner)
-    t = seconds_per_sample(lambda: decoder.predict(tokens, targets, eos_id=runners.NEVER_EOS),
-                           batch_size, repeats)
-    points.append({"kv_heads": g, "attention": config.attention_name, "t_infer_s": t})
+    times = per_sample_times(
+        lambda: decoder.predict(tokens, targets, eos_id=runners.NEVER_EOS), batch_size, repeats)
+    t = runners.median(times)
+    points.append({"kv_heads": g, "attention": config.attention_name, "t_infer_s": t,
+                   "t_infer_repeats_s": times})
     if pod.is_writer():
       print(f"fig6: {config.attention_name}: {t * 1e3:.2f} ms/sample "
             f"(inputs {inputs}, outputs {targets}, batch {batch_size})", flush=True)

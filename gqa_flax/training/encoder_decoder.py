@@ -57,3 +57,17 @@ class EncoderDecoderModel:
                "cross_ent_loss_per_target_token": cross_entropy / jnp.maximum(weight_sum, 1.0),
                "accuracy": jnp.sum(correct) / jnp.maximum(weight_sum, 1.0)}
     return loss, metrics
+
+  def per_example_loss(self, params: Any, batch: Batch) -> Tuple[jax.Array, jax.Array]:
+    """([batch] mean cross entropy per target token of each example, [batch] its number of
+    target tokens): teacher-forced, without dropout, z-loss or label smoothing; an example
+    without target tokens (padding) has loss 0 and 0 tokens."""
+    inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
+    logits = self.module.apply({"params": params}, **inputs, enable_dropout=False)
+    targets = batch["decoder_target_tokens"]
+    weights = batch.get("decoder_loss_weights", jnp.ones(targets.shape, jnp.float32))
+    weights = weights.astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    cross_entropy = jax.nn.logsumexp(logits, axis=-1) - target_logits  # [batch, length]
+    tokens = jnp.sum(weights, axis=-1)
+    return jnp.sum(cross_entropy * weights, axis=-1) / jnp.maximum(tokens, 1.0), tokens

@@ -1,0 +1,146 @@
+"""The paper's claims (Ainslie et al. 2023, section 3, Figures 3-6) as measures with verdicts.
+
+Each claim is declared before any run: a statistic of the means of named measurements, the
+direction the paper reports and a threshold. Measurements are per-example samples
+`[seeds, examples]` keyed by name: `heldout/<variant key>` is a variant's held-out loss on
+the pre-training task (the same examples for every variant, so comparisons are paired) and
+`time/g<G>` the timed repeats of decoding with G key/value heads. `evaluate` gives each claim
+its estimate, 95% bootstrap interval (`statistics.bootstrap`) and verdict
+(`statistics.verdict`); a claim whose measurements the run lacks is 'not run', naming them.
+"""
+import dataclasses
+import os
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+from etils import epath
+
+from gqa_flax.reproduce import statistics
+from gqa_flax.reproduce.presets import Variant
+from gqa_flax.reproduce.timing import write_json
+
+UPTRAINED = 0.05  # the paper's alpha
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  id: str
+  statement: str
+  measure: str  # the statistic, written out
+  needs: Tuple[str, ...]  # measurement names, the statistic's arguments in order
+  statistic: Callable[..., np.ndarray]
+  paper_direction: str  # '<' or '>': the statistic's side of `threshold` the paper reports
+  threshold: float
+  paired: bool = True
+
+
+def heldout(model: str, kv_heads=None, alpha: float = UPTRAINED, method: str = "mean") -> str:
+  return f"heldout/{Variant(model, kv_heads, alpha, method).key}"
+
+
+def timing(groups: int) -> str:
+  return f"time/g{groups}"
+
+
+def _gap_ratio(a, b, c):
+  """(a - b) / (c - b)."""
+  return (a - b) / (c - b)
+
+
+def paper_claims(model: str, smaller_model: str, gqa_groups: int, mid_groups: int,
+                 num_heads: int) -> List[Claim]:
+  """C1-C6 for `model` (the uptrained one; `smaller_model`: the smaller MHA model of C6),
+  GQA-`gqa_groups`, and Figure 6's `mid_groups` between 1 and `num_heads`."""
+  mha, gqa = heldout(model), heldout(model, gqa_groups)
+  mqa, mqa_0, gqa_0 = heldout(model, 1), heldout(model, 1, 0.0), heldout(model, gqa_groups, 0.0)
+  return [
+      Claim("C1", f"uptrained GQA-{gqa_groups}'s loss gap to MHA is a small fraction of "
+            "uptrained MQA's (Table 1, Fig. 3)", "(L_GQA - L_MHA) / (L_MQA - L_MHA)",
+            (gqa, mha, mqa), _gap_ratio, "<", 0.5),
+      Claim("C2", f"uptraining MQA for alpha = {UPTRAINED} recovers most of what conversion "
+            "lost (Fig. 5)", "(L_MQA,a=0 - L_MQA) / (L_MQA,a=0 - L_MHA)",
+            (mqa_0, mqa, mha), lambda m0, m, h: (m0 - m) / (m0 - h), ">", 0.5),
+      Claim("C2b", "returns diminish: uptraining MQA from alpha = 0.05 to 0.1 gains less than "
+            "from 0 to 0.05 (Fig. 5)", "(L_MQA,a=0.05 - L_MQA,a=0.1) / (L_MQA,a=0 - L_MQA,a=0.05)",
+            (mqa, heldout(model, 1, 0.1), mqa_0), lambda m5, m10, m0: (m5 - m10) / (m0 - m5),
+            "<", 1.0),
+      Claim("C3a", "mean pooling beats keeping the first head (Fig. 4)",
+            "L_MQA,first - L_MQA,mean", (heldout(model, 1, method="first"), mqa),
+            lambda first, mean: first - mean, ">", 0.0),
+      Claim("C3b", "keeping the first head beats random initialisation (Fig. 4)",
+            "L_MQA,random - L_MQA,first", (heldout(model, 1, method="random"),
+                                            heldout(model, 1, method="first")),
+            lambda random, first: random - first, ">", 0.0),
+      Claim("C4", f"right after conversion (alpha = 0) GQA-{gqa_groups} is close to MHA while "
+            "MQA is not (Fig. 5)", "(L_GQA,a=0 - L_MHA) / (L_MQA,a=0 - L_MHA)",
+            (gqa_0, mha, mqa_0), _gap_ratio, "<", 0.5),
+      Claim("C5", f"time per sample grows modestly from G = 1 to G = {mid_groups} and steeply "
+            f"towards G = {num_heads} (Fig. 6)", f"(T_{mid_groups} - T_1) / (T_{num_heads} - T_1)",
+            (timing(mid_groups), timing(1), timing(num_heads)), _gap_ratio, "<", 0.5,
+            paired=False),
+      Claim("C6", f"uptrained MQA-{model} beats MHA-{smaller_model} in quality (Fig. 3)",
+            f"L_MHA-{smaller_model} - L_MQA-{model}", (heldout(smaller_model), mqa),
+            lambda small, big: small - big, ">", 0.0),
+  ]
+
+
+def preset_claims(preset) -> List[Claim]:
+  """C1-C6 for a reproduction preset: its GQA variant's model and groups (the largest G
+  below the heads among the variants), another model's MHA for C6, Figure 6's groups."""
+  gqa = max((v for v in preset.variants if v.kv_heads not in (None, 1)),
+            key=lambda v: v.kv_heads, default=None)
+  model = gqa.model if gqa else preset.variants[0].model
+  smaller = next((v.model for v in preset.variants
+                  if v.kv_heads is None and v.model != model), "smaller")
+  groups = sorted(preset.fig6["groups"])
+  mid = 8 if 8 in groups[1:-1] else groups[len(groups) // 2]
+  return paper_claims(model, smaller, gqa.kv_heads if gqa else 8, mid, groups[-1])
+
+
+def measurements(records: Mapping[str, Dict]) -> Dict[str, np.ndarray]:
+  """{name: [1, n]} from the stages' results: the held-out losses and Figure 6's timings."""
+  found = {}
+  heldout_result = (records.get("heldout") or {}).get("result") or {}
+  for name, losses in heldout_result.get("losses", {}).items():
+    found[name] = np.asarray(losses, np.float64)[None]
+  for point in ((records.get("fig6-timing") or {}).get("result") or {}).get("points", []):
+    if point.get("t_infer_repeats_s"):
+      found[timing(point["kv_heads"])] = np.asarray(point["t_infer_repeats_s"])[None]
+  return found
+
+
+def evaluate(claim: Claim, measurements: Mapping[str, np.ndarray], seed: int = 0) -> Dict:
+  """The claims.json entry of `claim` over `measurements` ({name: [seeds, examples]})."""
+  entry = {"id": claim.id, "statement": claim.statement, "measure": claim.measure,
+           "paper_direction": claim.paper_direction, "threshold": claim.threshold}
+  missing = [name for name in claim.needs if name not in measurements]
+  if missing:
+    return {**entry, "estimate": None, "ci95": None, "verdict": "not run",
+            "missing": missing}
+  interval = statistics.bootstrap(claim.statistic, [measurements[n] for n in claim.needs],
+                                  paired=claim.paired, seed=seed)
+  return {**entry, "estimate": interval.estimate, "ci95": [interval.low, interval.high],
+          "verdict": statistics.verdict(interval, claim.paper_direction, claim.threshold)}
+
+
+def _markdown(preset: str, entries: Sequence[Dict]) -> str:
+  lines = [f"# The paper's claims: preset `{preset}`", "",
+           "| claim | statement | measure | paper | estimate | 95% interval | verdict |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for e in entries:
+    interval = "-" if e["ci95"] is None else f"[{e['ci95'][0]:.4g}, {e['ci95'][1]:.4g}]"
+    estimate = "-" if e["estimate"] is None else f"{e['estimate']:.4g}"
+    verdict = e["verdict"] + (f" (needs {', '.join(e['missing'])})" if "missing" in e else "")
+    lines.append(f"| {e['id']} | {e['statement']} | {e['measure']} | "
+                 f"{e['paper_direction']} {e['threshold']:g} | {estimate} | {interval} | "
+                 f"{verdict} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_claims(out_dir: str, preset: str, claims: Sequence[Claim],
+                 measurements: Mapping[str, np.ndarray], seed: int = 0) -> List[Dict]:
+  """Writes OUT/claims.json and OUT/claims.md; returns the entries."""
+  entries = [evaluate(claim, measurements, seed) for claim in claims]
+  write_json(os.path.join(out_dir, "claims.json"), {"preset": preset, "claims": entries})
+  epath.Path(out_dir, "claims.md").write_text(_markdown(preset, entries))
+  return entries

@@ -1,0 +1,103 @@
+"""Held-out loss stage: every checkpoint's teacher-forced loss on the same held-out examples.
+
+  python -m gqa_flax.reproduce.heldout --output FILE --task_gin GIN --split validation \\
+    --num_examples 256 --batch_size 32 [--num_partitions P] --score NAME=CHECKPOINT [...]
+
+The examples are the split's first `num_examples` (unshuffled, unpacked, the task's own
+preprocessing with its fixed seed: span corruption draws the same spans every time), so every
+checkpoint is scored on the same examples, in the same order: the claims compare variants
+pairwise (`claims.py`). Each example's loss is its mean cross entropy per target token
+(`EncoderDecoderModel.per_example_loss`). On a pod every host runs the command with the pod
+flags; the batches are sharded over the data axis and the losses gathered. FILE (written by
+process 0): {"task", "split", "num_examples", "losses": {NAME: [loss per example]}}.
+"""
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List
+
+import gin
+import jax
+import numpy as np
+
+from gqa_flax import errors, pod
+from gqa_flax.training import data_pipeline, evaluation, gin_utils
+from gqa_flax.training.partitioning import Partitioner
+
+
+def heldout_losses(checkpoint: str, cfg: data_pipeline.DatasetConfig, num_examples: int,
+                   partitioner: Partitioner) -> np.ndarray:
+  """[num_examples] losses of the checkpoint on the first examples of `cfg`'s split."""
+  predictor, _ = evaluation.restore_predictor(checkpoint, partitioner=partitioner)
+  model, params = predictor.model, predictor.params
+  loss_step = jax.jit(model.per_example_loss, out_shardings=partitioner.replicated())
+  steps = num_examples // cfg.batch_size
+  ds = data_pipeline.get_dataset(cfg, partitioner.data_layout(cfg.batch_size), num_epochs=1,
+                                 pad_to=steps)
+  losses, tokens = [], []
+  for batch in data_pipeline.as_numpy(ds):
+    loss, count = jax.device_get(loss_step(params, partitioner.global_batch(batch,
+                                                                             cfg.batch_size)))
+    losses.append(loss)
+    tokens.append(count)
+  losses, tokens = np.concatenate(losses), np.concatenate(tokens)
+  if not tokens.all():
+    raise errors.UserError(f"the {cfg.split} split of {cfg.mixture_or_task_name} has fewer than "
+                           f"{num_examples} examples; lower --num_examples")
+  return losses
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="gqa_flax.reproduce.heldout", description=__doc__)
+  parser.add_argument("--output", required=True)
+  parser.add_argument("--task_gin", required=True, help="sets MIXTURE_OR_TASK_NAME and "
+                      "TASK_FEATURE_LENGTHS (e.g. the preset's pre-training gin file)")
+  parser.add_argument("--split", default="validation")
+  parser.add_argument("--num_examples", type=int, required=True)
+  parser.add_argument("--batch_size", type=int, required=True)
+  parser.add_argument("--num_partitions", type=int, default=1)
+  parser.add_argument("--score", action="append", required=True, metavar="NAME=CHECKPOINT")
+  pod.add_flags(parser)
+  return parser.parse_args(argv)
+
+
+def _dataset_config(task_gin: str, split: str, batch_size: int) -> data_pipeline.DatasetConfig:
+  """The task of `task_gin` (MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS and its module), read
+  after runs/pretrain.gin, whose configurables a task file of a training run may bind."""
+  gin.clear_config()
+  gin_utils.parse_gin(["runs/pretrain.gin", task_gin], [])
+  module = gin.query_parameter("%MIXTURE_OR_TASK_MODULE")
+  return data_pipeline.DatasetConfig(
+      gin.query_parameter("%MIXTURE_OR_TASK_NAME"),
+      dict(gin.query_parameter("%TASK_FEATURE_LENGTHS")), split=split, batch_size=batch_size,
+      shuffle=False, seed=0, pack=False, module=module)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    pod.initialize(**pod.flags_of(args))
+    if args.num_examples < 1 or args.num_examples % args.batch_size:
+      raise errors.UserError(f"--num_examples={args.num_examples} must be a positive multiple "
+                             f"of --batch_size={args.batch_size}")
+    scores = dict(spec.split("=", 1) for spec in args.score)
+    cfg = _dataset_config(args.task_gin, args.split, args.batch_size)
+    partitioner = Partitioner(args.num_partitions)
+    losses: Dict[str, List[float]] = {}
+    for name, checkpoint in scores.items():
+      losses[name] = heldout_losses(checkpoint, cfg, args.num_examples, partitioner).tolist()
+      print(f"{name}: held-out loss {np.mean(losses[name]):.4f} on {args.num_examples} "
+            f"{cfg.split} examples of {cfg.mixture_or_task_name}", flush=True)
+    if pod.is_writer():
+      os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+      with open(args.output, "w") as f:
+        json.dump({"task": cfg.mixture_or_task_name, "split": cfg.split,
+                   "num_examples": args.num_examples, "losses": losses}, f)
+  except errors.UserError as e:
+    pod.fail("gqa_flax.reproduce.heldout", errors.one_line(e))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,52 @@
+"""The held-out loss stage: each example's loss equals a numpy cross entropy of its logits."""
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import seqio
+
+from gqa_flax import checkpoints
+from gqa_flax.models import t5_1_1_config
+from gqa_flax.reproduce import heldout
+from gqa_flax.training.encoder_decoder import EncoderDecoderModel
+from tests import training_task
+
+LENGTHS = {"inputs": 32, "targets": 16}
+
+
+def test_heldout_losses_are_each_examples_mean_token_cross_entropy(tmp_path):
+  config = t5_1_1_config("tiny", vocab_size=training_task.VOCAB_SIZE, num_encoder_layers=1,
+                         num_decoder_layers=1, num_kv_heads=2, dtype="float32")
+  model = EncoderDecoderModel(config)
+  boxed = model.init(jax.random.key(1), {"encoder_input_tokens": (1, 8),
+                                         "decoder_input_tokens": (1, 8)})
+  params = jax.tree.map(lambda x: np.asarray(x) * 3.0, nn.meta.unbox(boxed))
+  checkpoints.save(str(tmp_path / "ckpt"), 5, params, config)
+  task_gin = tmp_path / "task.gin"
+  task_gin.write_text(f"MIXTURE_OR_TASK_NAME = '{training_task.TASK_NAME}'\n"
+                      "MIXTURE_OR_TASK_MODULE = 'tests.training_task'\n"
+                      f"TASK_FEATURE_LENGTHS = {LENGTHS}\n")
+  output = tmp_path / "heldout.json"
+  assert heldout.main([f"--output={output}", f"--task_gin={task_gin}", "--num_examples=8",
+                       "--batch_size=4", f"--score=gqa2={tmp_path}/ckpt"]) == 0
+  written = json.loads(output.read_text())
+  assert written["num_examples"] == 8 and written["task"] == training_task.TASK_NAME
+  losses = np.array(written["losses"]["gqa2"])
+
+  ds = seqio.EncDecFeatureConverter(pack=False)(seqio.get_mixture_or_task(
+      training_task.TASK_NAME).get_dataset(LENGTHS, split="validation", shuffle=False,
+                                           num_epochs=1), LENGTHS)
+  expected = []
+  for example in ds.take(8).as_numpy_iterator():
+    logits = np.asarray(model.module.apply(
+        {"params": params}, example["encoder_input_tokens"][None],
+        example["decoder_input_tokens"][None], example["decoder_target_tokens"][None]),
+        np.float64)[0]
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                keepdims=True)) - logits.max(-1, keepdims=True)
+    weights = example["decoder_loss_weights"].astype(bool)
+    picked = log_probs[np.arange(len(logits)), example["decoder_target_tokens"]]
+    expected.append(-picked[weights].mean())
+  np.testing.assert_allclose(losses, expected, rtol=2e-5)
+  assert len(set(np.round(losses, 4))) > 1  # examples differ
