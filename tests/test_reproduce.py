@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gqa_flax.reproduce import cli, statistics
+from gqa_flax.reproduce import claims, cli, statistics
 from gqa_flax.reproduce.presets import Variant, load_preset
 from gqa_flax.reproduce.stages import Plan
 
@@ -164,3 +164,14 @@ def test_bad_input_is_one_line_and_nonzero(args, message, capsys):
   assert cli.main(args) == 1
   err = capsys.readouterr().err.strip()
   assert message in err and len(err.splitlines()) == 1
+
+
+def test_the_mini_preset_measures_what_every_claim_but_c6_needs(tmp_path):
+  """`make reproduce` decides C1-C5: its held-out stage and Figure 6 give every measurement
+  they need (C6 needs a second, smaller model, which the mini preset does not train)."""
+  preset = load_preset("mini")
+  plan = Plan(preset, str(tmp_path), str(tmp_path / "data"))
+  measured = set(plan.heldout_checkpoints()) | {claims.timing(g) for g in preset.fig6["groups"]}
+  missing = {claim.id: [name for name in claim.needs if name not in measured]
+             for claim in claims.preset_claims(preset)}
+  assert {claim for claim, names in missing.items() if names} == {"C6"}, missing
