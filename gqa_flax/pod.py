@@ -153,7 +153,7 @@ def watch_for_failures(prog: str) -> None:
   """On a pod: a daemon thread that ends this process as soon as another process reports a
   failure (`fail`), printing that process's line, so no host waits in a collective or a
   barrier for a peer that is gone. It polls the coordination service twice a second and
-  stops at exit, before jax.distributed shuts the service down. A single host does nothing."""
+  stops at exit. A single host does nothing."""
   if not joined():
     return
   client, me, stop = _client_state().client, process_index(), threading.Event()
@@ -180,7 +180,9 @@ def watch_for_failures(prog: str) -> None:
     stop.set()
     watcher.join()
 
-  atexit.register(stop_watching)  # runs before jax.distributed's shutdown (registered earlier)
+  # A thread still inside a coordination-service call when the interpreter finalizes aborts
+  # the process: stop it at exit, before finalization.
+  atexit.register(stop_watching)
 
 
 def fail(prog: str, message: str) -> NoReturn:

@@ -183,16 +183,13 @@ def _alive(pid: int) -> bool:
   return True
 
 
-def remove_stale_temporaries(dst: str) -> list:
+def _remove_stale_temporaries(dst: str) -> None:
   """Removes the temporary siblings of DST whose writer, a process of this host, is dead (a
-  conversion killed by SIGKILL or a crash); returns their paths."""
-  stale = []
+  conversion killed by SIGKILL or a crash)."""
   for path in glob.glob(f"{glob.escape(dst)}.tmp-*"):
     match = re.fullmatch(rf"{re.escape(dst)}\.tmp-(.+)-(\d+)", path)
     if match and match.group(1) == socket.gethostname() and not _alive(int(match.group(2))):
       shutil.rmtree(path, ignore_errors=True)
-      stale.append(path)
-  return stale
 
 
 def _write_committed(dst: str, write: Callable[[str], None]) -> None:
@@ -202,7 +199,7 @@ def _write_committed(dst: str, write: Callable[[str], None]) -> None:
       epath.Path(dst).rmtree()
     write(dst)
     return
-  remove_stale_temporaries(dst)
+  _remove_stale_temporaries(dst)
   tmp = _temporary_sibling(dst)
   try:
     write(tmp)

@@ -12,8 +12,6 @@ flags; the batches are sharded over the data axis and the losses gathered. FILE 
 process 0): {"task", "split", "num_examples", "losses": {NAME: [loss per example]}}.
 """
 import argparse
-import json
-import os
 import sys
 from typing import Dict, List
 
@@ -22,6 +20,7 @@ import jax
 import numpy as np
 
 from gqa_flax import errors, pod
+from gqa_flax.reproduce.timing import write_json
 from gqa_flax.training import data_pipeline, evaluation, gin_utils
 from gqa_flax.training.partitioning import Partitioner
 
@@ -90,10 +89,8 @@ def main(argv=None) -> int:
       print(f"{name}: held-out loss {np.mean(losses[name]):.4f} on {args.num_examples} "
             f"{cfg.split} examples of {cfg.mixture_or_task_name}", flush=True)
     if pod.is_writer():
-      os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-      with open(args.output, "w") as f:
-        json.dump({"task": cfg.mixture_or_task_name, "split": cfg.split,
-                   "num_examples": args.num_examples, "losses": losses}, f)
+      write_json(args.output, {"task": cfg.mixture_or_task_name, "split": cfg.split,
+                               "num_examples": args.num_examples, "losses": losses})
   except errors.UserError as e:
     pod.fail("gqa_flax.reproduce.heldout", errors.one_line(e))
   return 0

@@ -17,7 +17,7 @@ import re
 import sys
 import tokenize
 import traceback
-from typing import Callable, Iterator, List, Sequence, Set
+from typing import Callable, Dict, Iterator, List, Sequence, Set
 
 from absl import app, flags
 import gin
@@ -198,30 +198,40 @@ def check_complete() -> None:
       + " ".join(f"--gin.{name}=VALUE" for name in missing) + task_hint)
 
 
-def _referenced_macros(gin_files: Sequence[str]) -> Set[str]:
-  """Macro names some binding of the config, or some gin file we know of, refers to."""
+def _texts(paths: Sequence[str]) -> Dict[str, str]:
+  """{path: its text} of the gin files among `paths` that exist."""
+  texts = {}
+  for path in paths:
+    if os.path.isfile(path):
+      with open(path) as f:
+        texts[path] = f.read()
+  return texts
+
+
+def _bound_macro_references() -> Set[str]:
+  """Macro names some binding of the parsed config refers to."""
   names = set()
   for params in gin_config._CONFIG.values():  # pylint: disable=protected-access
     for value in gin_config._iterate_flattened_values(params):  # pylint: disable=protected-access
       if isinstance(value, gin_config.ConfigurableReference) and \
           value.configurable.name == "macro":
         names.update(value.scopes)
-  known = glob.glob(os.path.join(CONFIGS_DIR, "**", "*.gin"), recursive=True)
-  for path in set(known) | {f for f in gin_files if os.path.isfile(f)}:
-    with open(path) as f:
-      names.update(_MACRO_REFERENCE.findall(f.read()))
   return names
 
 
 def unused_macros(parsed_files: Sequence[str], read_by_code: Sequence[str] = ()) -> List[str]:
-  """'NAME (file)' for each macro a parsed gin file assigns that nothing refers to."""
-  referenced = _referenced_macros(parsed_files) | set(read_by_code)
+  """'NAME (file)' for each macro a parsed gin file assigns that nothing refers to: no binding
+  of the config, no gin file under configs/ or among `parsed_files`, not `read_by_code`."""
+  parsed = _texts(parsed_files)
+  known = _texts(glob.glob(os.path.join(CONFIGS_DIR, "**", "*.gin"), recursive=True))
+  referenced = _bound_macro_references() | set(read_by_code) | {
+      name for text in {**known, **parsed}.values() for name in _MACRO_REFERENCE.findall(text)}
   unused = []
   for scope, selector in gin_config._CONFIG:  # pylint: disable=protected-access
     if selector != "gin.macro" or scope in referenced:
       continue
-    files = [path for path in parsed_files if os.path.isfile(path) and re.search(
-        rf"^\s*{re.escape(scope)}\s*=", open(path).read(), re.MULTILINE)]
+    files = [path for path, text in parsed.items()
+             if re.search(rf"^\s*{re.escape(scope)}\s*=", text, re.MULTILINE)]
     if files:
       unused.append(f"{scope} ({_shown(files[-1])})")
   return sorted(unused)
