@@ -93,3 +93,13 @@ def test_claims_json_entries_and_a_claim_whose_variants_are_missing(tmp_path):
       assert entry["verdict"] == statistics.verdict(Interval(entry["estimate"], *entry["ci95"]),
                                                     entry["paper_direction"], entry["threshold"])
   assert "| C4 |" in (tmp_path / "claims.md").read_text()
+
+
+def test_measurements_stack_each_variants_seeds_in_seed_order():
+  records = {"heldout": {"result": {"losses": {"heldout/tiny-mha/s1": [3.0, 4.0],
+                                               "heldout/tiny-mha/s0": [1.0, 2.0]}}},
+             "fig6-timing": {"result": {"points": [{"kv_heads": 2, "t_infer_repeats_s": [5, 6]}]}}}
+  found = claims.measurements(records)
+  assert set(found) == {"heldout/tiny-mha", "time/g2"}
+  np.testing.assert_array_equal(found["heldout/tiny-mha"], [[1.0, 2.0], [3.0, 4.0]])
+  np.testing.assert_array_equal(found["time/g2"], [[5, 6]])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gqa_flax.reproduce import claims, cli, statistics
+from gqa_flax.reproduce import claims, cli, figures, report, statistics
 from gqa_flax.reproduce.presets import Variant, load_preset
 from gqa_flax.reproduce.stages import Plan
 
@@ -48,6 +48,9 @@ def test_smoke_table_and_figures(smoke_run):
   assert [r["kv_heads"] for r in table["rows"]] == [4, 1, 2]
   assert [p["kv_heads"] for p in table["fig6"]["points"]] == [1, 2, 4]
   assert "MHA-XXL" in table["paper"]["rows"]
+  for r in table["rows"]:  # two seeds, each fine-tuned and scored
+    assert r["seeds"] == [0, 1] and len(r["average_by_seed"]) == 2
+    assert r["heldout_ci95"][0] <= r["heldout_loss"] <= r["heldout_ci95"][1]
   markdown = (out / "table1.md").read_text()
   assert "| MQA-tiny | 0.05 | mean |" in markdown and "paper" in markdown
   for n in (3, 4, 5, 6):
@@ -85,6 +88,12 @@ def test_smoke_claims_follow_from_their_intervals(smoke_run):
   assert heldout["num_examples"] == 16 and all(
       len(losses) == 16 and all(math.isfinite(x) and x > 0 for x in losses)
       for losses in heldout["losses"].values())
+  # Two seeds: the pre-trained MHA and the deterministic conversion are the same model for
+  # both; MQA's uptraining saw another data order per seed.
+  losses = heldout["losses"]
+  assert losses["heldout/tiny-mha/s0"] == losses["heldout/tiny-mha/s1"]
+  assert losses["heldout/tiny-mqa-a0-mean/s0"] == losses["heldout/tiny-mqa-a0-mean/s1"]
+  assert losses["heldout/tiny-mqa-a0.05-mean/s0"] != losses["heldout/tiny-mqa-a0.05-mean/s1"]
   assert "| C2 |" in (out / "claims.md").read_text()
 
 
@@ -108,19 +117,20 @@ def test_plan_runs_the_project_entry_points(tmp_path):
   preset = load_preset("mini")
   plan = Plan(preset, str(tmp_path), str(tmp_path / "data"))
   stages = {s.name: s for s in plan.stages()}
-  uptrain = stages["uptrain-mini-mqa-a0.1-mean"].argv
+  uptrain = stages["uptrain-mini-mqa-a0.1-mean-s0"].argv
   assert uptrain[1:3] == ["-m", "gqa_flax.train"]
   assert "--gin_file=reproduce/mini/uptrain.gin" in uptrain
   assert "--gin.TRAIN_STEPS=1100" in uptrain
   # alpha 0.1 continues the alpha 0.05 run of the same conversion (same MODEL_DIR).
   assert [a for a in uptrain if "MODEL_DIR" in a] == [
-      a for a in stages["uptrain-mini-mqa-a0.05-mean"].argv if "MODEL_DIR" in a]
+      a for a in stages["uptrain-mini-mqa-a0.05-mean-s0"].argv if "MODEL_DIR" in a]
   names = list(stages)
-  assert names.index("uptrain-mini-mqa-a0.05-mean") < names.index("uptrain-mini-mqa-a0.1-mean")
-  assert stages["convert-mini-mqa-random"].argv[1:3] == ["-m", "gqa_flax.convert"]
-  assert "--method=random" in stages["convert-mini-mqa-random"].argv
+  assert names.index("uptrain-mini-mqa-a0.05-mean-s0") < names.index(
+      "uptrain-mini-mqa-a0.1-mean-s0")
+  assert stages["convert-mini-mqa-random-s0"].argv[1:3] == ["-m", "gqa_flax.convert"]
+  assert "--method=random" in stages["convert-mini-mqa-random-s0"].argv
   # alpha 0 fine-tunes the converted checkpoint; MHA the pre-trained one.
-  finetune = stages["finetune-mini-gqa2-a0-mean-gqa_mini_title"].argv
+  finetune = stages["finetune-mini-gqa2-a0-mean-s0-gqa_mini_title"].argv
   assert f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/runs/convert-mini-gqa2-mean/checkpoint_1000"' \
       in finetune
   assert "--gin.TRAIN_STEPS=1100" in finetune
@@ -128,17 +138,105 @@ def test_plan_runs_the_project_entry_points(tmp_path):
   # The held-out losses: every conversion right after it (alpha 0) and every uptrained run.
   heldout = stages["heldout"].argv
   assert heldout[1:3] == ["-m", "gqa_flax.reproduce.heldout"]
-  assert (f"--score=heldout/mini-mqa-a0-mean={tmp_path}/runs/convert-mini-mqa-mean/"
+  assert (f"--score=heldout/mini-mqa-a0-mean/s0={tmp_path}/runs/convert-mini-mqa-mean/"
           "checkpoint_1000") in heldout
-  assert (f"--score=heldout/mini-mqa-a0.05-mean={tmp_path}/runs/uptrain-mini-mqa-mean/"
+  assert (f"--score=heldout/mini-mqa-a0.05-mean/s0={tmp_path}/runs/uptrain-mini-mqa-mean-s0/"
           "checkpoint_1050") in heldout
-  assert f"--score=heldout/mini-mha={tmp_path}/runs/pretrain-mini/checkpoint_1000" in heldout
-  assert names.index("heldout") > names.index("uptrain-mini-mqa-a0.1-mean")
+  assert f"--score=heldout/mini-mha/s0={tmp_path}/runs/pretrain-mini/checkpoint_1000" in heldout
+  assert names.index("heldout") > names.index("uptrain-mini-mqa-a0.1-mean-s0")
   for stage in stages.values():
     for arg in stage.argv:
       if arg.startswith("--gin_file=") or (arg.startswith("--eval=")):
         gin_file = arg.split("=", 1)[1].split(":", 1)[-1].split("=")[0]
         assert os.path.isfile(os.path.join("configs", gin_file)), arg
+
+
+def test_every_run_after_pretraining_takes_each_seed(tmp_path):
+  """Seeds 3 and 7: pre-training and deterministic conversions once; the random conversion,
+  uptraining and fine-tuning once per seed, with the seed; held-out names per seed, the
+  deterministic checkpoints shared."""
+  plan = Plan(load_preset("mini", ["Preset.seeds = [3, 7]"]), str(tmp_path), None)
+  stages = {s.name: s for s in plan.stages()}
+  names = list(stages)
+  assert len([n for n in names if n.startswith("pretrain-")]) == 1
+  assert "convert-mini-mqa-mean" in stages and not any(
+      n.startswith("convert-mini-mqa-mean-s") for n in names)
+  assert "--seed=3" not in stages["convert-mini-mqa-mean"].argv
+  for seed in (3, 7):
+    assert f"--seed={seed}" in stages[f"convert-mini-mqa-random-s{seed}"].argv
+    uptrain = stages[f"uptrain-mini-mqa-a0.05-random-s{seed}"].argv
+    assert f"--gin.RANDOM_SEED={seed}" in uptrain
+    assert (f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/runs/convert-mini-mqa-random-s{seed}/'
+            'checkpoint_1000"') in uptrain
+    finetune = stages[f"finetune-mini-mha-s{seed}-gqa_mini_ende"].argv
+    assert f"--gin.RANDOM_SEED={seed}" in finetune
+    assert f'--gin.MODEL_DIR="{tmp_path}/runs/finetune-mini-mha-s{seed}-gqa_mini_ende"' in finetune
+  assert not any("RANDOM_SEED" in a for a in stages["pretrain-mini"].argv)
+  assert len([n for n in names if n.startswith("finetune-")]) == 2 * 9 * 2
+  evals = [a for a in stages["evaluate"].argv if a.startswith("--eval=mini-mqa-a0.05-mean-s")]
+  assert [a.split(":")[0] for a in evals] == ["--eval=mini-mqa-a0.05-mean-s3"] * 2 + [
+      "--eval=mini-mqa-a0.05-mean-s7"] * 2
+  checkpoints = plan.heldout_checkpoints()
+  assert checkpoints["heldout/mini-mha/s3"] == checkpoints["heldout/mini-mha/s7"]
+  assert checkpoints["heldout/mini-mqa-a0-mean/s3"] == checkpoints["heldout/mini-mqa-a0-mean/s7"]
+  assert checkpoints["heldout/mini-mqa-a0-random/s3"] != checkpoints[
+      "heldout/mini-mqa-a0-random/s7"]
+  # MHA; MQA and GQA-2 by mean at alpha 0, 0.05, 0.1; MQA by first and random at 0, 0.05.
+  assert len(checkpoints) == 2 * len(plan.heldout_variants()) == 2 * 11
+
+
+def _two_seed_records(plan: Plan) -> dict:
+  """Stage results of the smoke preset with seeds 0 and 1, by hand: variant i, seed s scores
+  10 i + s on its task, decodes in (i + 1 + s) ms; held-out losses 2 + i / 10 + example / 100
+  + s / 10 (MHA's the same for both seeds: pre-trained once)."""
+  variants, heldout = {}, {}
+  for i, v in enumerate(plan.preset.variants):
+    for seed in (0, 1):
+      variants[f"{v.key}-s{seed}"] = {
+          "tasks": {"gqa_mini_title": {"score": 10.0 * i + seed, "kv_heads": v.kv_heads or 4,
+                                       "metric": "rouge1", "n_eval_examples": 8}},
+          "t_infer_s": (i + 1 + seed) / 1e3, "device": "cpu"}
+  for i, v in enumerate(plan.heldout_variants()):
+    for seed in (0, 1):
+      shift = 0 if v.kv_heads is None else seed / 10
+      heldout[f"heldout/{v.key}/s{seed}"] = [2 + i / 10 + e / 100 + shift for e in range(16)]
+  points = [{"kv_heads": g, "attention": "x", "t_infer_s": 0.002, "t_infer_repeats_s":
+             [0.001, 0.002, 0.004]} for g in (1, 2, 4)]
+  return {"evaluate": {"result": {"variants": variants}},
+          "heldout": {"result": {"losses": heldout}},
+          "fig6-timing": {"result": {"points": points, "inputs": 64, "targets": 16,
+                                     "batch_size": 4, "repeats": 3}}}
+
+
+def test_table_rows_combine_the_seeds_and_carry_the_held_out_interval(tmp_path):
+  plan = Plan(load_preset("smoke", ["Preset.seeds = [0, 1]"]), str(tmp_path), None)
+  records = _two_seed_records(plan)
+  table = report.build_table(plan, records, None)
+  mqa = table["rows"][1]  # variant 1: MQA, alpha 0.05
+  assert mqa["label"] == "MQA-tiny" and mqa["seeds"] == [0, 1]
+  assert mqa["scores_by_seed"] == {"gqa_mini_title": [10.0, 11.0]}
+  assert mqa["average"] == mqa["scores"]["gqa_mini_title"] == 10.5
+  assert mqa["t_infer_s"] == pytest.approx(2.5e-3) and mqa["t_infer_by_seed_s"] == [2e-3, 3e-3]
+  # Held-out: [seeds, examples] as the claims see it, with their bootstrap interval.
+  sample = claims.measurements(records)["heldout/tiny-mqa-a0.05-mean"]
+  assert sample.shape == (2, 16) and sample[1, 0] - sample[0, 0] == pytest.approx(0.1)
+  interval = statistics.bootstrap(lambda loss: loss, [sample])
+  assert mqa["heldout_loss"] == pytest.approx(sample.mean())
+  assert mqa["heldout_ci95"] == [interval.low, interval.high]
+  assert interval.low < sample.mean() < interval.high
+  # Every held-out variant (alpha 0 of each conversion too) is in the table, for Figure 5.
+  assert [e["key"] for e in table["heldout"]] == [v.key for v in plan.heldout_variants()]
+  markdown = report.to_markdown(table)
+  assert "| MQA-tiny | 0.05 | mean | 2.50 (2.00-3.00) |" in markdown
+  assert "10.50 (10.00-11.00)" in markdown and "2 x 16" in markdown
+  assert report.check_finite(table) == []
+  assert len(figures.draw_all(table, str(tmp_path))) == 4
+
+
+@pytest.mark.parametrize("seeds", ["[]", "[1, 1]", "[-1]"])
+def test_bad_seeds_are_refused(seeds):
+  with pytest.raises(ValueError, match="seeds must be distinct non-negative integers"):
+    load_preset("smoke", [f"Preset.seeds = {seeds}"])
 
 
 def test_paper_preset_uses_public_checkpoints_and_paper_tasks():
@@ -171,7 +269,8 @@ def test_the_mini_preset_measures_what_every_claim_but_c6_needs(tmp_path):
   they need (C6 needs a second, smaller model, which the mini preset does not train)."""
   preset = load_preset("mini")
   plan = Plan(preset, str(tmp_path), str(tmp_path / "data"))
-  measured = set(plan.heldout_checkpoints()) | {claims.timing(g) for g in preset.fig6["groups"]}
+  measured = {name.rpartition("/s")[0] for name in plan.heldout_checkpoints()} | {
+      claims.timing(g) for g in preset.fig6["groups"]}
   missing = {claim.id: [name for name in claim.needs if name not in measured]
              for claim in claims.preset_claims(preset)}
   assert {claim for claim, names in missing.items() if names} == {"C6"}, missing

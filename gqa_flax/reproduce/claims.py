@@ -3,7 +3,8 @@
 Each claim is declared before any run: a statistic of the means of named measurements, the
 direction the paper reports and a threshold. Measurements are per-example samples
 `[seeds, examples]` keyed by name: `heldout/<variant key>` is a variant's held-out loss on
-the pre-training task (the same examples for every variant, so comparisons are paired) and
+the pre-training task (the same examples and seeds for every variant, so comparisons are
+paired; a deterministic variant's rows are the same for every seed) and
 `time/g<G>` the timed repeats of decoding with G key/value heads. `evaluate` gives each claim
 its estimate, 95% bootstrap interval (`statistics.bootstrap`) and verdict
 (`statistics.verdict`); a claim whose measurements the run lacks is 'not run', naming them.
@@ -98,11 +99,15 @@ def preset_claims(preset) -> List[Claim]:
 
 
 def measurements(records: Mapping[str, Dict]) -> Dict[str, np.ndarray]:
-  """{name: [1, n]} from the stages' results: the held-out losses and Figure 6's timings."""
-  found = {}
+  """{name: [seeds, n]} from the stages' results: the held-out losses (`heldout/<key>/s<seed>`
+  rows stacked in seed order under `heldout/<key>`) and Figure 6's timings ([1, repeats])."""
+  by_seed: Dict[str, Dict[int, list]] = {}
   heldout_result = (records.get("heldout") or {}).get("result") or {}
   for name, losses in heldout_result.get("losses", {}).items():
-    found[name] = np.asarray(losses, np.float64)[None]
+    variant, _, seed = name.rpartition("/s")
+    by_seed.setdefault(variant, {})[int(seed)] = losses
+  found = {name: np.asarray([rows[s] for s in sorted(rows)], np.float64)
+           for name, rows in by_seed.items()}
   for point in ((records.get("fig6-timing") or {}).get("result") or {}).get("points", []):
     if point.get("t_infer_repeats_s"):
       found[timing(point["kv_heads"])] = np.asarray(point["t_infer_repeats_s"])[None]

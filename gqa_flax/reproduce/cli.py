@@ -1,7 +1,7 @@
 """gqa-reproduce: Table 1 and Figures 3-6 end to end.
 
   gqa-reproduce --preset mini --out runs/mini        # the offline CPU reproduction
-  gqa-reproduce --preset smoke --out /tmp/smoke      # the same pipeline in ~3 minutes
+  gqa-reproduce --preset smoke --out /tmp/smoke      # the same pipeline in ~5 minutes
   gqa-reproduce --preset paper --out /mnt/gqa/paper  # T5.1.1 Large/XXL, TPU VM (shared dir)
   gqa-reproduce --preset mini --out runs/mini --list # the stage view and commands, no run
 

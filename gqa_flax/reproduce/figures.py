@@ -1,6 +1,6 @@
 """Figures 3-6 of the paper from a measured table1.json (matplotlib, Agg backend)."""
 import os
-from typing import List
+from typing import List, Sequence
 
 import matplotlib
 
@@ -18,70 +18,110 @@ def _subtitle(table: dict) -> str:
   return f"measured, preset {table['preset']}"
 
 
+def _range(mean: float, values: Sequence[float]) -> List[List[float]]:
+  """Matplotlib's asymmetric error of `mean` reaching the values' min and max."""
+  values = values or [mean]
+  return [[mean - min(values)], [max(values) - mean]]
+
+
+def _ci(entry: dict) -> List[List[float]]:
+  return [[entry["loss"] - entry["ci95"][0]], [entry["ci95"][1] - entry["loss"]]]
+
+
+def _no_heldout(ax) -> None:
+  ax.text(0.5, 0.5, "held-out loss not measured\n(Preset.heldout_examples = 0)",
+          ha="center", va="center", transform=ax.transAxes, fontsize=8)
+
+
 def fig3(table: dict, path: str) -> None:
-  """Average quality vs time per sample for Table 1's rows."""
+  """Average quality vs time per sample for Table 1's rows (bars: range over seeds)."""
   fig, ax = plt.subplots(figsize=(5, 4))
   for r in (r for r in table["rows"] if r["in_table1"]):
-    ax.scatter(r["t_infer_s"] * 1e3, r["average"])
-    ax.annotate(r["label"], (r["t_infer_s"] * 1e3, r["average"]), textcoords="offset points",
-                xytext=(4, 4))
+    x, y = r["t_infer_s"] * 1e3, r["average"]
+    ax.errorbar([x], [y], yerr=_range(y, r["average_by_seed"]),
+                xerr=_range(x, [t * 1e3 for t in r["t_infer_by_seed_s"]]), fmt="o", capsize=3)
+    ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4))
   ax.set(xlabel="time per sample (ms)", ylabel="average score",
          title=f"Figure 3: quality vs time ({_subtitle(table)})")
   _save(fig, path)
 
 
-def _method_rows(table: dict) -> List[dict]:
-  """Rows that differ only in conversion method from another row (Figure 4's group)."""
+def _method_group(items: List[dict]) -> List[dict]:
+  """The largest group of converted items that differ only in conversion method (mean,
+  first, random order): Figure 4's bars."""
   groups = {}
-  for r in table["rows"]:
-    if r["method"] is not None:
-      groups.setdefault((r["model"], r["kv_heads"], r["alpha"]), []).append(r)
+  for item in items:
+    if item["method"] is not None:
+      groups.setdefault((item["model"], item["kv_heads"], item["alpha"]), []).append(item)
   best = max(groups.values(), key=len, default=[])
   order = {"mean": 0, "first": 1, "random": 2}
-  return sorted(best, key=lambda r: order[r["method"]])
+  return sorted(best, key=lambda item: order[item["method"]])
 
 
 def fig4(table: dict, path: str) -> None:
-  """Average quality per conversion method."""
-  rows = _method_rows(table)
-  fig, ax = plt.subplots(figsize=(5, 4))
-  ax.bar([r["method"] for r in rows], [r["average"] for r in rows])
-  if rows:
-    ax.set_ylim(min(r["average"] for r in rows) * 0.9, max(r["average"] for r in rows) * 1.05)
-    label = f"{rows[0]['label']}, alpha {rows[0]['alpha']:g}"
+  """Per conversion method: average score (bars: range over seeds) and held-out loss (bars:
+  95% interval)."""
+  fig, (score_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 4))
+  rows = _method_group(table["rows"])
+  for r in rows:
+    score_ax.bar(r["method"], r["average"], yerr=_range(r["average"], r["average_by_seed"]),
+                 capsize=4)
+  score_ax.set(xlabel="conversion", ylabel="average score",
+               title=f"{rows[0]['label']}, alpha {rows[0]['alpha']:g}" if rows else "no rows")
+  entries = _method_group([e for e in table["heldout"] if e["alpha"] > 0]) or _method_group(
+      table["heldout"])  # after uptraining, as Figure 4; else right after conversion
+  for e in entries:
+    loss_ax.bar(e["method"], e["loss"], yerr=_ci(e), capsize=4)
+  if entries:
+    low = min(e["ci95"][0] for e in entries)
+    loss_ax.set_ylim(low - 0.05 * abs(low), max(e["ci95"][1] for e in entries) * 1.02)
+    loss_ax.set_title(f"{entries[0]['label']}, alpha {entries[0]['alpha']:g}")
   else:
-    label = "no converted rows"
-  ax.set(xlabel="conversion", ylabel="average score",
-         title=f"Figure 4: conversion methods ({label})")
-  ax.text(0.01, 0.01, _subtitle(table), transform=ax.transAxes, fontsize=8)
+    _no_heldout(loss_ax)
+  loss_ax.set(xlabel="conversion", ylabel="held-out loss (lower is better)")
+  fig.suptitle(f"Figure 4: conversion methods ({_subtitle(table)})")
   _save(fig, path)
 
 
 def fig5(table: dict, path: str) -> None:
-  """Average quality vs uptraining proportion alpha, one line per attention (mean pooling)."""
-  fig, ax = plt.subplots(figsize=(5, 4))
-  lines = {}
-  for r in table["rows"]:
-    if r["method"] == "mean":
-      lines.setdefault(r["label"], []).append((r["alpha"], r["average"]))
-  for label, points in sorted(lines.items()):
-    points.sort()
-    ax.plot([a for a, _ in points], [s for _, s in points], marker="o", label=label)
-  for r in table["rows"]:
-    if r["method"] is None:
-      ax.axhline(r["average"], linestyle="--", color="gray", label=f"{r['label']} (no conversion)")
-  ax.set(xlabel="uptraining proportion alpha", ylabel="average score",
-         title=f"Figure 5: uptraining ({_subtitle(table)})")
-  ax.legend(fontsize=8)
+  """Quality vs uptraining proportion alpha, one line per attention (mean pooling), as the
+  paper draws it: average score (bars: range over seeds) and held-out loss (bars: 95%
+  interval, alpha 0 = right after conversion); dashed: the multi-head model."""
+  fig, (score_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 4))
+  for ax, items, value, error in (
+      (score_ax, table["rows"], "average", lambda r: _range(r["average"], r["average_by_seed"])),
+      (loss_ax, table["heldout"], "loss", _ci)):
+    lines = {}
+    for item in items:
+      if item["method"] == "mean":
+        lines.setdefault(item["label"], []).append(item)
+      elif item["method"] is None:
+        ax.axhline(item[value], linestyle="--", color="gray", label=f"{item['label']}")
+    for label, points in sorted(lines.items()):
+      points.sort(key=lambda item: item["alpha"])
+      errors = [error(item) for item in points]
+      ax.errorbar([item["alpha"] for item in points], [item[value] for item in points],
+                  yerr=[[e[0][0] for e in errors], [e[1][0] for e in errors]], marker="o",
+                  capsize=3, label=label)
+    if lines or any(item["method"] is None for item in items):
+      ax.legend(fontsize=8)
+  score_ax.set(xlabel="uptraining proportion alpha", ylabel="average score")
+  loss_ax.set(xlabel="uptraining proportion alpha", ylabel="held-out loss (lower is better)")
+  if not table["heldout"]:
+    _no_heldout(loss_ax)
+  fig.suptitle(f"Figure 5: uptraining ({_subtitle(table)})")
   _save(fig, path)
 
 
 def fig6(table: dict, path: str) -> None:
-  """Time per sample vs number of key/value groups."""
+  """Time per sample vs number of key/value groups (bars: range of the timed repeats)."""
   timing = table["fig6"]
   points = timing["points"]
   fig, ax = plt.subplots(figsize=(5, 4))
-  ax.plot([p["kv_heads"] for p in points], [p["t_infer_s"] * 1e3 for p in points], marker="o")
+  errors = [_range(p["t_infer_s"] * 1e3, [t * 1e3 for t in p.get("t_infer_repeats_s", [])])
+            for p in points]
+  ax.errorbar([p["kv_heads"] for p in points], [p["t_infer_s"] * 1e3 for p in points],
+              yerr=[[e[0][0] for e in errors], [e[1][0] for e in errors]], marker="o", capsize=3)
   ax.set_xscale("log", base=2)
   ax.set_xticks([p["kv_heads"] for p in points], [str(p["kv_heads"]) for p in points])
   ax.set(xlabel="GQA groups (key/value heads)", ylabel="time per sample (ms)",

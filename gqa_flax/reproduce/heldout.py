@@ -6,7 +6,8 @@
 The examples are the split's first `num_examples` (unshuffled, unpacked, the task's own
 preprocessing with its fixed seed: span corruption draws the same spans every time), so every
 checkpoint is scored on the same examples, in the same order: the claims compare variants
-pairwise (`claims.py`). Each example's loss is its mean cross entropy per target token
+pairwise (`claims.py`). A checkpoint named several times (a deterministic conversion, the
+same for every seed) is scored once. Each example's loss is its mean cross entropy per target token
 (`EncoderDecoderModel.per_example_loss`). On a pod every host runs the command with the pod
 flags; the batches are sharded over the data axis and the losses gathered. FILE (written by
 process 0): {"task", "split", "num_examples", "losses": {NAME: [loss per example]}}.
@@ -83,9 +84,13 @@ def main(argv=None) -> int:
     scores = dict(spec.split("=", 1) for spec in args.score)
     cfg = _dataset_config(args.task_gin, args.split, args.batch_size)
     partitioner = Partitioner(args.num_partitions)
+    by_checkpoint: Dict[str, List[float]] = {}  # a checkpoint named twice is scored once
     losses: Dict[str, List[float]] = {}
     for name, checkpoint in scores.items():
-      losses[name] = heldout_losses(checkpoint, cfg, args.num_examples, partitioner).tolist()
+      if checkpoint not in by_checkpoint:
+        by_checkpoint[checkpoint] = heldout_losses(checkpoint, cfg, args.num_examples,
+                                                   partitioner).tolist()
+      losses[name] = by_checkpoint[checkpoint]
       print(f"{name}: held-out loss {np.mean(losses[name]):.4f} on {args.num_examples} "
             f"{cfg.split} examples of {cfg.mixture_or_task_name}", flush=True)
     if pod.is_writer():

@@ -66,6 +66,9 @@ class Preset:
   heldout_task_gin, heldout_examples, heldout_batch_size: the held-out loss stage (the claims'
     measure): every variant's loss, right after conversion and after uptraining, on the first
     `heldout_examples` validation examples of the task gin file's task (0: no such stage).
+  seeds: the seeds of everything after pre-training that is random: the `random` conversion,
+    the uptraining and fine-tuning data order and dropout (RANDOM_SEED). Each seed is a run of
+    its own (stage names end in -s<seed>); the claims' intervals combine them.
   timing_repeats: timed repeats of one decoding batch (median; compilation excluded).
   fig6: {'model', 'groups', 'inputs', 'targets', 'batch'} for time per sample vs groups.
   decode_partitions: model-parallel size of the evaluate and timing stages' decoding mesh.
@@ -91,8 +94,15 @@ class Preset:
   heldout_task_gin: str = ""
   heldout_examples: int = 0
   heldout_batch_size: int = 8
+  seeds: Sequence[int] = (0,)
 
   def __post_init__(self):
+    seeds = tuple(self.seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(
+        isinstance(s, int) and s >= 0 for s in seeds):
+      raise errors.UserError(f"preset {self.name}: seeds must be distinct non-negative integers, "
+                             f"got {list(seeds)}")
+    object.__setattr__(self, "seeds", seeds)
     parsed = tuple(Variant(*v) for v in self.variants)
     for v in parsed:
       if v.model not in self.models:

@@ -1,15 +1,21 @@
 """table1.json and table1.md from the stages' results.
 
 Rows hold what this run measured; the paper's Table 1 sits apart under "paper" (JSON) and in
-columns labelled "paper" (Markdown), next to the measured row it corresponds to.
+columns labelled "paper" (Markdown), next to the measured row it corresponds to. With several
+seeds a row's task scores, average and time are means (time: median) over the seeds, shown
+with their range over the seeds; its held-out loss has the claims' 95% bootstrap interval
+(`statistics.py`: seeds, then examples, resampled).
 """
 import math
 import os
 import platform
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+
+from gqa_flax.reproduce import claims, statistics
 from gqa_flax.reproduce.presets import Variant
-from gqa_flax.reproduce.stages import Plan
+from gqa_flax.reproduce.stages import Plan, seeded
 from gqa_flax.reproduce.timing import write_json
 
 # Ainslie et al. 2023, Table 1 (TPUv4; dev sets; T_infer in s per sample).
@@ -45,34 +51,64 @@ def hardware() -> str:
   return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
-def row(plan: Plan, v: Variant, records: Dict[str, dict]) -> dict:
-  result = records["evaluate"]["result"]["variants"][v.key]
-  tasks = result["tasks"]
-  scores = {task: tasks[task]["score"] for task in tasks}
+def heldout_entries(plan: Plan, records: Dict[str, dict]) -> List[dict]:
+  """Every held-out variant's loss (mean over seeds and examples) and its 95% interval."""
+  measured = claims.measurements(records)
+  entries = []
+  for v in plan.heldout_variants():
+    sample = measured.get(claims.heldout(v.model, v.kv_heads, v.alpha, v.method))
+    if sample is None:
+      continue
+    interval = statistics.bootstrap(lambda loss: loss, [sample])
+    entries.append({"key": v.key, "model": v.model, "label": v.label, "kv_heads": v.kv_heads,
+                    "alpha": v.alpha, "method": None if v.kv_heads is None else v.method,
+                    "loss": interval.estimate, "ci95": [interval.low, interval.high],
+                    "seeds": sample.shape[0], "examples": sample.shape[1]})
+  return entries
+
+
+def row(plan: Plan, v: Variant, records: Dict[str, dict], heldout: Dict[str, dict]) -> dict:
+  """A variant's measured row: its seeds' runs (`stages.seeded`) combined."""
+  seeds = plan.preset.seeds
+  results = [records["evaluate"]["result"]["variants"][seeded(v, seed)] for seed in seeds]
+  tasks = results[0]["tasks"]
+  scores_by_seed = {task: [r["tasks"][task]["score"] for r in results] for task in tasks}
+  average_by_seed = [float(np.mean([r["tasks"][task]["score"] for task in tasks]))
+                     for r in results]
+  t_infer_by_seed = [r["t_infer_s"] for r in results]
+  loss = heldout.get(v.key)
   return {"model": v.model, "label": v.label, "attention": v.attention,
           "kv_heads": tasks[next(iter(tasks))]["kv_heads"], "alpha": v.alpha,
           "method": None if v.kv_heads is None else v.method,
           "uptrain_steps": 0 if v.kv_heads is None else plan.preset.uptrain_steps(v),
-          "t_infer_s": result["t_infer_s"], "scores": scores,
+          "seeds": list(seeds),
+          "t_infer_s": float(np.median(t_infer_by_seed)), "t_infer_by_seed_s": t_infer_by_seed,
+          "scores": {task: float(np.mean(x)) for task, x in scores_by_seed.items()},
+          "scores_by_seed": scores_by_seed,
+          "average": float(np.mean(average_by_seed)), "average_by_seed": average_by_seed,
+          "heldout_loss": loss and loss["loss"], "heldout_ci95": loss and loss["ci95"],
           "metrics": {task: tasks[task]["metric"] for task in tasks},
-          "average": sum(scores.values()) / len(scores),
           "n_eval_examples": {task: tasks[task]["n_eval_examples"] for task in tasks},
           "in_table1": v in plan.preset.table_variants, "paper_row": paper_row(v),
-          "device": result["device"]}
+          "device": results[0]["device"]}
 
 
 def build_table(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) -> dict:
   p = plan.preset
   fig6 = records["fig6-timing"]["result"]
+  heldout = heldout_entries(plan, records)
+  by_key = {entry["key"]: entry for entry in heldout}
   return {"preset": p.name, "hardware": hardware(), "stage_seconds": seconds,
           "setup": {"pretrain_steps": p.pretrain_steps, "finetune_steps": p.finetune_steps,
                     "eval_examples_max": p.eval_examples, "eval_batch_size": p.eval_batch_size,
                     "timing_repeats": p.timing_repeats, "tasks": dict(p.tasks),
                     "models": dict(p.models), "bindings": list(p.bindings),
-                    "seeds": "RANDOM_SEED=0 (gin default) for every run; conversion seed 0",
-                    "prepare": dict(p.prepare)},
-          "rows": [row(plan, v, records) for v in p.variants],
-          "fig6": fig6, "paper": PAPER_TABLE1}
+                    "seeds": f"{list(p.seeds)}: RANDOM_SEED (data order, dropout) and the random "
+                             "conversion's seed of every run after pre-training (pre-training: "
+                             "RANDOM_SEED=0)",
+                    "heldout_examples": p.heldout_examples, "prepare": dict(p.prepare)},
+          "rows": [row(plan, v, records, by_key) for v in p.variants],
+          "heldout": heldout, "fig6": fig6, "paper": PAPER_TABLE1}
 
 
 def check_finite(table: dict) -> List[str]:
@@ -86,11 +122,28 @@ def check_finite(table: dict) -> List[str]:
   return bad
 
 
+def _spread(mean: float, values: Sequence[float], scale: float = 1.0) -> str:
+  """'12.34', or '12.34 (11.90-12.80)' (the range over seeds) with several seeds."""
+  text = f"{mean * scale:.2f}"
+  if len(values) > 1:
+    text += f" ({min(values) * scale:.2f}-{max(values) * scale:.2f})"
+  return text
+
+
+def _loss_md(r: dict) -> str:
+  if r["heldout_loss"] is None:
+    return "-"
+  low, high = r["heldout_ci95"]
+  return f"{r['heldout_loss']:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def _row_md(r: dict, tasks: List[str]) -> str:
   paper = PAPER_TABLE1["rows"][r["paper_row"]]
   alpha = "-" if r["method"] is None else f"{r['alpha']:g}"
-  cells = [r["label"], alpha, r["method"] or "-", f"{r['t_infer_s'] * 1e3:.2f}",
-           f"{r['average']:.2f}"] + [f"{r['scores'][t]:.2f}" for t in tasks] + [
+  cells = [r["label"], alpha, r["method"] or "-",
+           _spread(r["t_infer_s"], r["t_infer_by_seed_s"], 1e3), _loss_md(r),
+           _spread(r["average"], r["average_by_seed"])] + [
+               _spread(r["scores"][t], r["scores_by_seed"][t]) for t in tasks] + [
                "/".join(str(r["n_eval_examples"][t]) for t in tasks),
                f"{paper['t_infer_s']} / {paper['average']} ({r['paper_row']})"]
   return "| " + " | ".join(cells) + " |"
@@ -99,7 +152,8 @@ def _row_md(r: dict, tasks: List[str]) -> str:
 def to_markdown(table: dict) -> str:
   rows = table["rows"]
   tasks = list(rows[0]["scores"])
-  header = ["Model", "alpha", "conversion", "T_infer (ms/sample)", "Average"] + [
+  header = ["Model", "alpha", "conversion", "T_infer (ms/sample)",
+            "held-out loss [95% CI]", "Average"] + [
       f"{t} ({rows[0]['metrics'][t]})" for t in tasks] + [
           "n test", "paper: T_infer s / Average (paper row, TPUv4)"]
   sep = "|" + "|".join("---" for _ in header) + "|"
@@ -107,18 +161,31 @@ def to_markdown(table: dict) -> str:
   lines = [f"# Table 1 ({table['preset']} preset): measured", "",
            f"Hardware: {table['hardware']} (JAX device: {rows[0]['device']}).", ""]
   if table.get("stage_seconds"):
-    lines += [f"Time of all stages (summed over invocations): {table['stage_seconds'] / 60:.1f} min.",
-              ""]
+    lines += [f"Time of all stages (summed over invocations): "
+              f"{table['stage_seconds'] / 60:.1f} min.", ""]
+  if len(rows[0]["seeds"]) > 1:
+    lines += [f"Seeds {rows[0]['seeds']}: scores, averages and times are over the seeds, with "
+              "their range over the seeds in parentheses.", ""]
   lines += [head, sep] + [_row_md(r, tasks) for r in rows if r["in_table1"]]
   ablations = [r for r in rows if not r["in_table1"]]
   if ablations:
     lines += ["", "Figure 4 / 5 variants (conversion method, uptraining proportion alpha):", "",
               head, sep] + [_row_md(r, tasks) for r in ablations]
+  if table["heldout"]:
+    lines += ["", "Held-out loss (the claims' measure: mean token cross entropy on the same "
+              "held-out examples of the pre-training task; 95% bootstrap interval):", "",
+              "| variant | alpha | conversion | loss [95% CI] | seeds x examples |",
+              "|---|---|---|---|---|"] + [
+                  f"| {e['label']} | {'-' if e['method'] is None else format(e['alpha'], 'g')} | "
+                  f"{e['method'] or '-'} | {e['loss']:.4f} [{e['ci95'][0]:.4f}, "
+                  f"{e['ci95'][1]:.4f}] | {e['seeds']} x {e['examples']} |"
+                  for e in table["heldout"]]
   fig6 = table["fig6"]
   lines += ["", f"Figure 6 timing (inputs {fig6['inputs']}, outputs {fig6['targets']}, batch "
-            f"{fig6['batch_size']}, median of {fig6['repeats']}):", "",
+            f"{fig6['batch_size']}, median of {fig6['repeats']}, range of the repeats):", "",
             "| key/value heads | ms/sample |", "|---|---|"] + [
-                f"| {p['kv_heads']} ({p['attention']}) | {p['t_infer_s'] * 1e3:.2f} |"
+                f"| {p['kv_heads']} ({p['attention']}) | "
+                f"{_spread(p['t_infer_s'], p.get('t_infer_repeats_s', []), 1e3)} |"
                 for p in fig6["points"]]
   setup = table["setup"]
   lines += ["", f"Setup: pre-training {setup['pretrain_steps']} steps; uptraining alpha x "

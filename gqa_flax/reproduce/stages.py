@@ -2,18 +2,22 @@
 
   prepare                        python -m gqa_flax.data.prepare --mini   (mini corpora only)
   pretrain-MODEL                 python -m gqa_flax.train  (models without a checkpoint)
-  convert-MODEL-ATTN-METHOD      python -m gqa_flax.convert
-  uptrain-VARIANT                python -m gqa_flax.train  (runs/uptrain.gin; alpha > 0)
+  convert-MODEL-ATTN-METHOD      python -m gqa_flax.convert (`random`: one per seed, -sSEED)
+  uptrain-VARIANT-sSEED          python -m gqa_flax.train  (runs/uptrain.gin; alpha > 0)
   heldout                        python -m gqa_flax.reproduce.heldout (every variant's held-out
                                  loss after conversion and uptraining; the claims' measure)
-  finetune-VARIANT-TASK          python -m gqa_flax.train  (runs/finetune.gin + task gin)
+  finetune-VARIANT-sSEED-TASK    python -m gqa_flax.train  (runs/finetune.gin + task gin)
   evaluate                       python -m gqa_flax.reproduce.evaluate (gqa-eval's evaluate() on
                                  every variant's test splits, and decode timing)
   fig6-timing                    python -m gqa_flax.reproduce.timing
 
-Uptraining runs of one conversion share a MODEL_DIR: alpha 0.1 resumes the alpha 0.05 run's
-last checkpoint (with its optimizer state and data position), which is the same run as an
-uninterrupted alpha 0.1 one; the alpha 0.05 checkpoint stays for its fine-tuning.
+Pre-training is not repeated per seed (the paper starts from one public checkpoint); every run
+after it takes the seed (`Preset.seeds`): `--gin.RANDOM_SEED` (data order, dropout) and the
+`random` conversion's `--seed`. Mean and first pooling are deterministic: one conversion
+serves every seed. Uptraining runs of one conversion and seed share a MODEL_DIR: alpha 0.1
+resumes the alpha 0.05 run's last checkpoint (with its optimizer state and data position),
+which is the same run as an uninterrupted alpha 0.1 one; the alpha 0.05 checkpoint stays for
+its fine-tuning.
 """
 import dataclasses
 import os
@@ -42,6 +46,11 @@ def _absolute(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
+def seeded(v: Variant, seed: int) -> str:
+  """The id of a variant's runs with one seed, e.g. 'mini-mqa-a0.05-mean-s1'."""
+  return f"{v.key}-s{seed}"
+
+
 class Plan:
   """Paths and commands of a preset's run under `out`."""
 
@@ -65,28 +74,29 @@ class Plan:
     return self.preset.checkpoints.get(model) or self._step_dir(
         f"pretrain-{model}", self.preset.pretrain_steps)
 
-  def _convert_run(self, v: Variant) -> str:
-    return f"convert-{v.model}-{v.attention_id}-{v.method}".lower()
+  def _convert_run(self, v: Variant, seed: int) -> str:
+    run = f"convert-{v.model}-{v.attention_id}-{v.method}".lower()
+    return f"{run}-s{seed}" if v.method == "random" else run
 
-  def _uptrain_run(self, v: Variant) -> str:
-    return f"uptrain-{v.model}-{v.attention_id}-{v.method}".lower()
+  def _uptrain_run(self, v: Variant, seed: int) -> str:
+    return f"uptrain-{v.model}-{v.attention_id}-{v.method}-s{seed}".lower()
 
   def start_step(self, v: Variant) -> int:
     return self.preset.pretrain_steps + (0 if v.kv_heads is None else self.preset.uptrain_steps(v))
 
-  def start_checkpoint(self, v: Variant) -> str:
+  def start_checkpoint(self, v: Variant, seed: int) -> str:
     """Where fine-tuning starts: pre-trained (MHA), converted (alpha 0) or uptrained."""
     if v.kv_heads is None:
       return self.pretrained(v.model)
     if self.preset.uptrain_steps(v) == 0:
-      return self._step_dir(self._convert_run(v), self.preset.pretrain_steps)
-    return self._step_dir(self._uptrain_run(v), self.start_step(v))
+      return self._step_dir(self._convert_run(v, seed), self.preset.pretrain_steps)
+    return self._step_dir(self._uptrain_run(v, seed), self.start_step(v))
 
-  def finetune_run(self, v: Variant, task: str) -> str:
-    return f"finetune-{v.key}-{task}"
+  def finetune_run(self, v: Variant, seed: int, task: str) -> str:
+    return f"finetune-{seeded(v, seed)}-{task}"
 
   def _train(self, v: Variant, run_gin: str, run: str, steps: int, initial: Optional[str],
-             task_gin: Optional[str] = None) -> List[str]:
+             task_gin: Optional[str] = None, seed: Optional[int] = None) -> List[str]:
     argv = _module("gqa_flax.train", f"--gin_file={self.preset.models[v.model]}",
                    f"--gin_file={run_gin}")
     if task_gin:
@@ -96,6 +106,8 @@ class Plan:
       argv.append(f"--tfds_data_dir={self.tfds_data_dir}")
     if initial:
       argv.append(f'--gin.INITIAL_CHECKPOINT_PATH="{initial}"')
+    if seed is not None:
+      argv.append(f"--gin.RANDOM_SEED={seed}")
     if v.kv_heads is not None:
       argv.append(f"--gin_bindings=t5_1_1_config.num_kv_heads={v.kv_heads}")
     return argv + [f"--gin_bindings={b}" for b in self.preset.bindings]
@@ -117,31 +129,35 @@ class Plan:
         add(Stage(f"pretrain-{model}", self._train(mha, p.pretrain_gin, f"pretrain-{model}",
                                                    p.pretrain_steps, None)))
     # Uptraining by increasing alpha, so that larger alphas resume smaller ones' runs.
-    for v in sorted(p.variants, key=lambda v: v.alpha):
-      if v.kv_heads is None:
-        continue
-      convert = self._convert_run(v)
-      add(Stage(convert, _module(
-          "gqa_flax.convert", f"--src={self.pretrained(v.model)}", f"--dst={self.run_dir(convert)}",
-          f"--num_kv_heads={v.kv_heads}", f"--method={v.method}", "--overwrite")))
-      if p.uptrain_steps(v):
-        add(Stage(f"uptrain-{v.key}", self._train(
-            v, p.uptrain_gin, self._uptrain_run(v), self.start_step(v),
-            self._step_dir(convert, p.pretrain_steps))))
+    for seed in p.seeds:
+      for v in sorted(p.variants, key=lambda v: v.alpha):
+        if v.kv_heads is None:
+          continue
+        convert = self._convert_run(v, seed)
+        add(Stage(convert, _module(
+            "gqa_flax.convert", f"--src={self.pretrained(v.model)}",
+            f"--dst={self.run_dir(convert)}", f"--num_kv_heads={v.kv_heads}",
+            f"--method={v.method}", *([f"--seed={seed}"] if v.method == "random" else []),
+            "--overwrite")))
+        if p.uptrain_steps(v):
+          add(Stage(f"uptrain-{seeded(v, seed)}", self._train(
+              v, p.uptrain_gin, self._uptrain_run(v, seed), self.start_step(v),
+              self._step_dir(convert, p.pretrain_steps), seed=seed)))
     if p.heldout_examples:
       add(self._heldout_stage())
-    for v in p.variants:
-      for task, task_gin in p.tasks.items():
-        run = self.finetune_run(v, task)
-        add(Stage(run, self._train(v, p.finetune_gin, run, self.start_step(v) + p.finetune_steps,
-                                   self.start_checkpoint(v), task_gin)))
+    for seed in p.seeds:
+      for v in p.variants:
+        for task, task_gin in p.tasks.items():
+          run = self.finetune_run(v, seed, task)
+          add(Stage(run, self._train(v, p.finetune_gin, run, self.start_step(v) + p.finetune_steps,
+                                     self.start_checkpoint(v, seed), task_gin, seed)))
     evaluate = self.stage_dir("evaluate")
     add(Stage("evaluate", _module(
         "gqa_flax.reproduce.evaluate", f"--output_dir={evaluate}",
         f"--num_examples={p.eval_examples}", f"--batch_size={p.eval_batch_size}",
         f"--repeats={p.timing_repeats}", f"--num_partitions={p.decode_partitions}",
-        *(f"--eval={v.key}:{task_gin}={self.run_dir(self.finetune_run(v, task))}"
-          for v in p.variants for task, task_gin in p.tasks.items())),
+        *(f"--eval={seeded(v, s)}:{task_gin}={self.run_dir(self.finetune_run(v, s, task))}"
+          for s in p.seeds for v in p.variants for task, task_gin in p.tasks.items())),
         os.path.join(evaluate, "result.json")))
     result = os.path.join(self.stage_dir("fig6-timing"), "result.json")
     f6 = p.fig6
@@ -153,15 +169,19 @@ class Plan:
         f"--output={result}"), result))
     return list(stages.values())
 
-  def heldout_checkpoints(self) -> Dict[str, str]:
-    """{'heldout/<variant key>': checkpoint} of every variant as fine-tuning starts from it,
-    and of every converted variant right after conversion (alpha 0)."""
-    checkpoints = {}
+  def heldout_variants(self) -> List[Variant]:
+    """Every variant, and every converted variant right after conversion (alpha 0)."""
+    scored: Dict[str, Variant] = {}
     for v in self.preset.variants:
-      variants = [v] if v.kv_heads is None else [Variant(v.model, v.kv_heads, 0.0, v.method), v]
-      for scored in variants:
-        checkpoints[f"heldout/{scored.key}"] = self.start_checkpoint(scored)
-    return checkpoints
+      for w in [v] if v.kv_heads is None else [Variant(v.model, v.kv_heads, 0.0, v.method), v]:
+        scored.setdefault(w.key, w)
+    return list(scored.values())
+
+  def heldout_checkpoints(self) -> Dict[str, str]:
+    """{'heldout/<variant key>/s<seed>': checkpoint} of every held-out variant and seed, as
+    fine-tuning starts from it (a deterministic one is the same checkpoint for every seed)."""
+    return {f"heldout/{v.key}/s{seed}": self.start_checkpoint(v, seed)
+            for v in self.heldout_variants() for seed in self.preset.seeds}
 
   def _heldout_stage(self) -> Stage:
     p = self.preset
