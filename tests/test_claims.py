@@ -82,7 +82,7 @@ def test_claims_json_entries_and_a_claim_whose_variants_are_missing(tmp_path):
   written = json.loads((tmp_path / "claims.json").read_text())
   assert written == {"preset": "unit", "claims": entries}
   by_id = {entry["id"]: entry for entry in entries}
-  assert set(by_id) == {"C1", "C2", "C2b", "C3a", "C3b", "C4", "C5", "C6"}
+  assert set(by_id) == {"C1", "C1s", "C2", "C2b", "C3a", "C3b", "C4", "C5", "C6"}
   c1 = by_id["C1"]
   assert c1["verdict"] == "reproduced" and c1["estimate"] == pytest.approx(0.1, abs=0.01)
   assert c1["ci95"][0] < c1["estimate"] < c1["ci95"][1] < 0.5

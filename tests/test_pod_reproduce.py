@@ -27,6 +27,8 @@ def _bindings(large: str, xxl: str):
       "Preset.table_variants = [('Large', None, 0.0, 'mean'), ('XXL', 1, 0.0, 'mean')]",
       "Preset.eval_examples = 12", "Preset.eval_batch_size = 8", "Preset.timing_repeats = 1",
       "Preset.decode_partitions = 4",
+      "Preset.heldout_task_gin = 'reproduce/mini/span_corruption.gin'",
+      "Preset.heldout_examples = 16", "Preset.heldout_batch_size = 8",
       "Preset.fig6 = {'model': 'XXL', 'groups': [1, 2, 4], 'inputs': 16, 'targets': 4, "
       "'batch': 8}"]
 
@@ -58,6 +60,13 @@ def test_paper_preset_on_the_pod_from_gs_equals_one_process(tmp_path, mini_data_
   for scores, counts, _ in rows[0].values():
     assert set(scores) == {"gqa_mini_title"} and 0 < counts["gqa_mini_title"] <= 12, rows
   assert [p["kv_heads"] for p in tables[0]["fig6"]["points"]] == [1, 2, 4]
+  # The held-out loss stage, sharded over the pod: the same losses as in one process.
+  losses = [{e["key"]: e["loss"] for e in t["heldout"]} for t in tables]
+  assert set(losses[0]) == {"large-mha", "xxl-mqa-a0-mean"}
+  assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+  test_losses = [{r["label"]: r["test_loss"]["gqa_mini_title"]["loss"] for r in t["rows"]}
+                 for t in tables]  # the fine-tuned models' per-example test loss, likewise
+  assert test_losses[0] == pytest.approx(test_losses[1], rel=1e-5)
   # Every stage ran and left its log and marker once, under OUT.
   stages = sorted(p.name for p in (tmp_path / "pod" / "stages").iterdir())
   assert stages == sorted(p.name for p in (tmp_path / "single" / "stages").iterdir())

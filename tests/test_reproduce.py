@@ -5,9 +5,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from gqa_flax.reproduce import claims, cli, figures, report, statistics
+from gqa_flax.reproduce import claims, cli, figures, report, statistics, timing
 from gqa_flax.reproduce.presets import Variant, load_preset
 from gqa_flax.reproduce.stages import Plan
 
@@ -47,6 +48,7 @@ def test_smoke_table_and_figures(smoke_run):
   # kv heads come from the evaluated checkpoints' configs: MHA 4, MQA 1, GQA-2 2.
   assert [r["kv_heads"] for r in table["rows"]] == [4, 1, 2]
   assert [p["kv_heads"] for p in table["fig6"]["points"]] == [1, 2, 4]
+  assert [p["kv_heads"] for p in table["fig6_kv_bound"]["points"]] == [1, 2, 4]
   assert "MHA-XXL" in table["paper"]["rows"]
   for r in table["rows"]:  # two seeds, each fine-tuned and scored
     assert r["seeds"] == [0, 1] and len(r["average_by_seed"]) == 2
@@ -70,7 +72,7 @@ def test_smoke_claims_follow_from_their_intervals(smoke_run):
   written = json.loads((out / "claims.json").read_text())
   assert written["preset"] == "smoke"
   by_id = {claim["id"]: claim for claim in written["claims"]}
-  assert set(by_id) == {"C1", "C2", "C2b", "C3a", "C3b", "C4", "C5", "C6"}
+  assert set(by_id) == {"C1", "C1s", "C2", "C2b", "C3a", "C3b", "C4", "C5", "C6"}
   for claim in written["claims"]:
     assert CLAIM_KEYS <= set(claim) and claim["paper_direction"] in ("<", ">"), claim
     if claim["verdict"] == "not run":
@@ -82,7 +84,9 @@ def test_smoke_claims_follow_from_their_intervals(smoke_run):
         statistics.Interval(claim["estimate"], low, high), claim["paper_direction"],
         claim["threshold"])
   # Run: MHA, MQA at alpha 0 and 0.05, GQA-2 at alpha 0, Figure 6 at G 1, 2, 4.
-  assert {c for c, claim in by_id.items() if claim["verdict"] != "not run"} == {"C2", "C4", "C5"}
+  assert {c for c, claim in by_id.items() if claim["verdict"] != "not run"} == {
+      "C1s", "C2", "C4", "C5"}
+  assert by_id["C5"]["measure"] == "(T_2 - T_1) / (T_4 - T_1)"  # on the kv-bound stage's times
   assert by_id["C1"]["missing"] == ["heldout/tiny-gqa2-a0.05-mean"]
   heldout = json.loads((out / "stages" / "heldout" / "result.json").read_text())
   assert heldout["num_examples"] == 16 and all(
@@ -194,7 +198,8 @@ def _two_seed_records(plan: Plan) -> dict:
     for seed in (0, 1):
       variants[f"{v.key}-s{seed}"] = {
           "tasks": {"gqa_mini_title": {"score": 10.0 * i + seed, "kv_heads": v.kv_heads or 4,
-                                       "metric": "rouge1", "n_eval_examples": 8}},
+                                       "metric": "rouge1", "n_eval_examples": 8,
+                                       "test_losses": [3.0 + i + seed + e / 8 for e in range(8)]}},
           "t_infer_s": (i + 1 + seed) / 1e3, "device": "cpu"}
   for i, v in enumerate(plan.heldout_variants()):
     for seed in (0, 1):
@@ -224,11 +229,16 @@ def test_table_rows_combine_the_seeds_and_carry_the_held_out_interval(tmp_path):
   assert mqa["heldout_loss"] == pytest.approx(sample.mean())
   assert mqa["heldout_ci95"] == [interval.low, interval.high]
   assert interval.low < sample.mean() < interval.high
+  # The fine-tuned test loss: seeds 3.0 + 1 + (0, 1) + example / 8, with its interval.
+  test = mqa["test_loss"]["gqa_mini_title"]
+  assert test["loss"] == pytest.approx(4.5 + 3.5 / 8)
+  assert test["ci95"][0] < test["loss"] < test["ci95"][1]
   # Every held-out variant (alpha 0 of each conversion too) is in the table, for Figure 5.
   assert [e["key"] for e in table["heldout"]] == [v.key for v in plan.heldout_variants()]
   markdown = report.to_markdown(table)
   assert "| MQA-tiny | 0.05 | mean | 2.50 (2.00-3.00) |" in markdown
   assert "10.50 (10.00-11.00)" in markdown and "2 x 16" in markdown
+  assert f"| MQA-tiny | 0.05 | mean | {test['loss']:.3f} [" in markdown
   assert report.check_finite(table) == []
   assert len(figures.draw_all(table, str(tmp_path))) == 4
 
@@ -237,6 +247,40 @@ def test_table_rows_combine_the_seeds_and_carry_the_held_out_interval(tmp_path):
 def test_bad_seeds_are_refused(seeds):
   with pytest.raises(ValueError, match="seeds must be distinct non-negative integers"):
     load_preset("smoke", [f"Preset.seeds = {seeds}"])
+
+
+def test_kv_bound_timing_times_each_group_of_a_model_shape_with_random_weights(tmp_path):
+  """`timing --model_gin`: each G is the shape with G key/value heads (random weights); the
+  result has each G's repeats and their median."""
+  models = dict((config.num_kv_heads, params) for config, params in timing.random_models(
+      timing.model_config("models/t5_1_1/tiny.gin", []), [1, 4]))
+  for g, params in models.items():
+    key = params["decoder"]["layers_0"]["self_attention"]["key"]["kernel"]
+    query = params["decoder"]["layers_0"]["self_attention"]["query"]["kernel"]
+    assert key.size * 4 == query.size * g  # tiny: 4 query heads
+  output = tmp_path / "result.json"
+  assert timing.main(["--model_gin=models/t5_1_1/tiny.gin", "--groups=1,4", "--inputs=16",
+                      "--targets=4", "--batch_size=2", "--repeats=3", f"--output={output}"]) == 0
+  result = json.loads(output.read_text())
+  assert result["source"] == "models/t5_1_1/tiny.gin"
+  assert [(p["kv_heads"], p["attention"]) for p in result["points"]] == [(1, "MQA"), (4, "MHA")]
+  for point in result["points"]:
+    assert len(point["t_infer_repeats_s"]) == 3 and min(point["t_infer_repeats_s"]) > 0
+    assert point["t_infer_s"] == sorted(point["t_infer_repeats_s"])[1]
+
+
+def test_the_kv_bound_timing_stage_feeds_the_speed_claims(tmp_path):
+  preset = load_preset("mini")
+  plan = Plan(preset, str(tmp_path), None)
+  stage = {s.name: s for s in plan.stages()}["fig6-timing-kv-bound"]
+  assert "--model_gin=reproduce/mini/kv_bound_shape.gin" in stage.argv
+  assert "--groups=1,2,4,8" in stage.argv
+  by_id = {claim.id: claim for claim in claims.preset_claims(preset)}
+  assert by_id["C5"].needs == ("time-kv-bound/g4", "time-kv-bound/g1", "time-kv-bound/g8")
+  assert by_id["C1s"].needs == ("time-kv-bound/g2", "time-kv-bound/g1", "time-kv-bound/g8")
+  records = {"fig6-timing-kv-bound": {"result": {"points": [
+      {"kv_heads": 2, "t_infer_repeats_s": [1.0, 2.0]}]}}}
+  np.testing.assert_array_equal(claims.measurements(records)["time-kv-bound/g2"], [[1.0, 2.0]])
 
 
 def test_paper_preset_uses_public_checkpoints_and_paper_tasks():
@@ -265,12 +309,14 @@ def test_bad_input_is_one_line_and_nonzero(args, message, capsys):
 
 
 def test_the_mini_preset_measures_what_every_claim_but_c6_needs(tmp_path):
-  """`make reproduce` decides C1-C5: its held-out stage and Figure 6 give every measurement
-  they need (C6 needs a second, smaller model, which the mini preset does not train)."""
+  """`make reproduce` decides C1-C5: its held-out stage and the key/value-bound Figure 6 give
+  every measurement they need (C6 needs a second, smaller model, which the mini preset does
+  not train)."""
   preset = load_preset("mini")
   plan = Plan(preset, str(tmp_path), str(tmp_path / "data"))
+  assert "fig6-timing-kv-bound" in [stage.name for stage in plan.stages()]
   measured = {name.rpartition("/s")[0] for name in plan.heldout_checkpoints()} | {
-      claims.timing(g) for g in preset.fig6["groups"]}
+      claims.timing(g, kv_bound=True) for g in preset.fig6["groups"]}
   missing = {claim.id: [name for name in claim.needs if name not in measured]
              for claim in claims.preset_claims(preset)}
   assert {claim for claim, names in missing.items() if names} == {"C6"}, missing

@@ -4,9 +4,10 @@ Each claim is declared before any run: a statistic of the means of named measure
 direction the paper reports and a threshold. Measurements are per-example samples
 `[seeds, examples]` keyed by name: `heldout/<variant key>` is a variant's held-out loss on
 the pre-training task (the same examples and seeds for every variant, so comparisons are
-paired; a deterministic variant's rows are the same for every seed) and
-`time/g<G>` the timed repeats of decoding with G key/value heads. `evaluate` gives each claim
-its estimate, 95% bootstrap interval (`statistics.bootstrap`) and verdict
+paired; a deterministic variant's rows are the same for every seed), `test/<task>/<key>` a
+fine-tuned variant's loss on the task's scored test examples, and `time/g<G>`
+(`time-kv-bound/g<G>`) the timed repeats of decoding with G key/value heads. `evaluate`
+gives each claim its estimate, 95% bootstrap interval (`statistics.bootstrap`) and verdict
 (`statistics.verdict`); a claim whose measurements the run lacks is 'not run', naming them.
 """
 import dataclasses
@@ -39,8 +40,10 @@ def heldout(model: str, kv_heads=None, alpha: float = UPTRAINED, method: str = "
   return f"heldout/{Variant(model, kv_heads, alpha, method).key}"
 
 
-def timing(groups: int) -> str:
-  return f"time/g{groups}"
+def timing(groups: int, kv_bound: bool = False) -> str:
+  """Figure 6's timed repeats with G groups: of the reproduction's model (`time/gG`), or of
+  the key/value-bound shape with random weights (`time-kv-bound/gG`)."""
+  return f"time{'-kv-bound' if kv_bound else ''}/g{groups}"
 
 
 def _gap_ratio(a, b, c):
@@ -49,15 +52,22 @@ def _gap_ratio(a, b, c):
 
 
 def paper_claims(model: str, smaller_model: str, gqa_groups: int, mid_groups: int,
-                 num_heads: int) -> List[Claim]:
+                 num_heads: int, kv_bound: bool = False) -> List[Claim]:
   """C1-C6 for `model` (the uptrained one; `smaller_model`: the smaller MHA model of C6),
-  GQA-`gqa_groups`, and Figure 6's `mid_groups` between 1 and `num_heads`."""
+  GQA-`gqa_groups`, and Figure 6's `mid_groups` between 1 and `num_heads`; the speed claims
+  (C1s, C5) on the key/value-bound shape's timings when `kv_bound`."""
   mha, gqa = heldout(model), heldout(model, gqa_groups)
   mqa, mqa_0, gqa_0 = heldout(model, 1), heldout(model, 1, 0.0), heldout(model, gqa_groups, 0.0)
+  shape = "the key/value-bound shape" if kv_bound else f"the {model} model"
   return [
       Claim("C1", f"uptrained GQA-{gqa_groups}'s loss gap to MHA is a small fraction of "
             "uptrained MQA's (Table 1, Fig. 3)", "(L_GQA - L_MHA) / (L_MQA - L_MHA)",
             (gqa, mha, mqa), _gap_ratio, "<", 0.5),
+      Claim("C1s", f"GQA-{gqa_groups} decodes at a speed close to MQA's: its extra time over MQA "
+            f"is a small fraction of MHA's (Table 1, Fig. 3; timed on {shape})",
+            f"(T_{gqa_groups} - T_1) / (T_{num_heads} - T_1)",
+            (timing(gqa_groups, kv_bound), timing(1, kv_bound), timing(num_heads, kv_bound)),
+            _gap_ratio, "<", 0.5, paired=False),
       Claim("C2", f"uptraining MQA for alpha = {UPTRAINED} recovers most of what conversion "
             "lost (Fig. 5)", "(L_MQA,a=0 - L_MQA) / (L_MQA,a=0 - L_MHA)",
             (mqa_0, mqa, mha), lambda m0, m, h: (m0 - m) / (m0 - h), ">", 0.5),
@@ -76,9 +86,10 @@ def paper_claims(model: str, smaller_model: str, gqa_groups: int, mid_groups: in
             "MQA is not (Fig. 5)", "(L_GQA,a=0 - L_MHA) / (L_MQA,a=0 - L_MHA)",
             (gqa_0, mha, mqa_0), _gap_ratio, "<", 0.5),
       Claim("C5", f"time per sample grows modestly from G = 1 to G = {mid_groups} and steeply "
-            f"towards G = {num_heads} (Fig. 6)", f"(T_{mid_groups} - T_1) / (T_{num_heads} - T_1)",
-            (timing(mid_groups), timing(1), timing(num_heads)), _gap_ratio, "<", 0.5,
-            paired=False),
+            f"towards G = {num_heads} (Fig. 6; timed on {shape})",
+            f"(T_{mid_groups} - T_1) / (T_{num_heads} - T_1)",
+            (timing(mid_groups, kv_bound), timing(1, kv_bound), timing(num_heads, kv_bound)),
+            _gap_ratio, "<", 0.5, paired=False),
       Claim("C6", f"uptrained MQA-{model} beats MHA-{smaller_model} in quality (Fig. 3)",
             f"L_MHA-{smaller_model} - L_MQA-{model}", (heldout(smaller_model), mqa),
             lambda small, big: small - big, ">", 0.0),
@@ -95,22 +106,36 @@ def preset_claims(preset) -> List[Claim]:
                   if v.kv_heads is None and v.model != model), "smaller")
   groups = sorted(preset.fig6["groups"])
   mid = 8 if 8 in groups[1:-1] else groups[len(groups) // 2]
-  return paper_claims(model, smaller, gqa.kv_heads if gqa else 8, mid, groups[-1])
+  return paper_claims(model, smaller, gqa.kv_heads if gqa else 8, mid, groups[-1],
+                      kv_bound=bool(preset.fig6_kv_bound))
+
+
+def test_loss(task: str, variant_key: str) -> str:
+  return f"test/{task}/{variant_key}"
 
 
 def measurements(records: Mapping[str, Dict]) -> Dict[str, np.ndarray]:
   """{name: [seeds, n]} from the stages' results: the held-out losses (`heldout/<key>/s<seed>`
-  rows stacked in seed order under `heldout/<key>`) and Figure 6's timings ([1, repeats])."""
+  rows stacked in seed order under `heldout/<key>`), the fine-tuned models' test losses
+  (evaluate's `<key>-s<seed>` under `test/<task>/<key>`) and Figure 6's timings
+  ([1, repeats])."""
   by_seed: Dict[str, Dict[int, list]] = {}
   heldout_result = (records.get("heldout") or {}).get("result") or {}
   for name, losses in heldout_result.get("losses", {}).items():
     variant, _, seed = name.rpartition("/s")
     by_seed.setdefault(variant, {})[int(seed)] = losses
+  evaluated = ((records.get("evaluate") or {}).get("result") or {}).get("variants", {})
+  for name, result in evaluated.items():
+    variant, _, seed = name.rpartition("-s")
+    for task, scored in result["tasks"].items():
+      if "test_losses" in scored:
+        by_seed.setdefault(test_loss(task, variant), {})[int(seed)] = scored["test_losses"]
   found = {name: np.asarray([rows[s] for s in sorted(rows)], np.float64)
            for name, rows in by_seed.items()}
-  for point in ((records.get("fig6-timing") or {}).get("result") or {}).get("points", []):
-    if point.get("t_infer_repeats_s"):
-      found[timing(point["kv_heads"])] = np.asarray(point["t_infer_repeats_s"])[None]
+  for stage, kv_bound in (("fig6-timing", False), ("fig6-timing-kv-bound", True)):
+    for point in ((records.get(stage) or {}).get("result") or {}).get("points", []):
+      if point.get("t_infer_repeats_s"):
+        found[timing(point["kv_heads"], kv_bound)] = np.asarray(point["t_infer_repeats_s"])[None]
   return found
 
 

@@ -7,10 +7,12 @@ time per sample.
 Scores come from the project's evaluation entry (`gqa_flax.training.evaluation.evaluate`,
 i.e. `gqa-eval` with runs/eval.gin + TASK_GIN on the kept (best) checkpoint of MODEL_DIR):
 greedy decoding, seqio postprocessing, the task's metric_fns. A task's score is its first
-metric among rouge1 / bleu / f1 (Table 1's R1, BLEU, F1). The time per sample is the median
-over `repeats` of greedy-decoding one batch of test inputs (compilation excluded) divided by
-the batch size, averaged over the tasks. Each variant's result is written to DIR/VARIANT.json
-as soon as it is complete, and a rerun skips variants already there.
+metric among rouge1 / bleu / f1 (Table 1's R1, BLEU, F1); `test_losses` holds each scored
+example's teacher-forced loss (a per-example measure, so it has intervals). The time per
+sample is the median over `repeats` of greedy-decoding one batch of test inputs (compilation
+excluded) divided by the batch size, averaged over the tasks. Each variant's result is
+written to DIR/VARIANT.json as soon as it is complete, and a rerun skips variants already
+there.
 """
 import argparse
 import collections
@@ -31,6 +33,7 @@ from gqa_flax.checkpoints.orbax_format import step_dir
 from gqa_flax.reproduce.timing import seconds_per_sample, write_json
 from gqa_flax.training import data_pipeline, evaluation, gin_utils
 from gqa_flax.training.partitioning import Partitioner
+from gqa_flax.training.predictor import Predictor
 
 PRIMARY_METRICS = ("rouge1", "bleu", "f1")
 
@@ -43,6 +46,22 @@ def first_batch(cfg: data_pipeline.DatasetConfig, batch_size: int) -> np.ndarray
   for row, example in enumerate(ds.take(batch_size).as_numpy_iterator()):
     tokens[row, :len(example["inputs"])] = example["inputs"]
   return tokens
+
+
+def test_losses(decoder: Predictor, cfg: data_pipeline.DatasetConfig, num_examples: int,
+                batch_size: int) -> List[float]:
+  """Each of the split's first `num_examples` examples' teacher-forced loss (mean cross
+  entropy per target token): the examples gqa-eval decodes, in its order and lengths."""
+  lengths = dict(cfg.task_feature_lengths)
+  ds = cfg.task().get_dataset(lengths, split=cfg.split, shuffle=False, num_epochs=1)
+  ds = seqio.EncDecFeatureConverter(pack=False)(ds.take(num_examples), lengths)
+  losses: List[float] = []
+  for batch in ds.batch(batch_size).as_numpy_iterator():
+    rows = len(batch["decoder_target_tokens"])  # the last batch padded: one compiled program
+    padded = {name: np.pad(value, ((0, batch_size - rows), (0, 0)))
+              for name, value in batch.items()}
+    losses.extend(decoder.per_example_loss(padded)[0][:rows].tolist())
+  return losses
 
 
 def evaluate_task(task_gin: str, model_dir: str, output_dir: str, num_examples: int,
@@ -66,13 +85,16 @@ def evaluate_task(task_gin: str, model_dir: str, output_dir: str, num_examples: 
   decoder, step = evaluation.restore_predictor(checkpoint, partitioner=Partitioner(num_partitions))
   targets = cfg.task_feature_lengths["targets"]
   t_infer = seconds_per_sample(lambda: decoder.predict(tokens, targets), batch_size, repeats)
+  losses = test_losses(decoder, cfg, counts[task], batch_size)
   config = decoder.model.config
   if pod.is_writer():
-    print(f"{task}: {metric} {scores[metric]:.2f} on {counts[task]} test examples, "
-          f"{t_infer * 1e3:.2f} ms/sample ({config.attention_name}, step {step})", flush=True)
+    print(f"{task}: {metric} {scores[metric]:.2f} and loss {np.mean(losses):.4f} on "
+          f"{counts[task]} test examples, {t_infer * 1e3:.2f} ms/sample "
+          f"({config.attention_name}, step {step})", flush=True)
   return {"task": task, "checkpoint": checkpoint, "metric": metric, "score": float(scores[metric]),
           "metrics": {k: float(v) for k, v in scores.items()}, "n_eval_examples": counts[task],
-          "t_infer_s": t_infer, "kv_heads": config.num_kv_heads, "num_heads": config.num_heads}
+          "test_losses": losses, "t_infer_s": t_infer, "kv_heads": config.num_kv_heads,
+          "num_heads": config.num_heads}
 
 
 def evaluate_variant(runs: List[List[str]], output_dir: str, num_examples: int, batch_size: int,

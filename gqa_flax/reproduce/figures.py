@@ -113,11 +113,8 @@ def fig5(table: dict, path: str) -> None:
   _save(fig, path)
 
 
-def fig6(table: dict, path: str) -> None:
-  """Time per sample vs number of key/value groups (bars: range of the timed repeats)."""
-  timing = table["fig6"]
+def _timing_panel(ax, timing: dict, title: str) -> None:
   points = timing["points"]
-  fig, ax = plt.subplots(figsize=(5, 4))
   errors = [_range(p["t_infer_s"] * 1e3, [t * 1e3 for t in p.get("t_infer_repeats_s", [])])
             for p in points]
   ax.errorbar([p["kv_heads"] for p in points], [p["t_infer_s"] * 1e3 for p in points],
@@ -125,8 +122,19 @@ def fig6(table: dict, path: str) -> None:
   ax.set_xscale("log", base=2)
   ax.set_xticks([p["kv_heads"] for p in points], [str(p["kv_heads"]) for p in points])
   ax.set(xlabel="GQA groups (key/value heads)", ylabel="time per sample (ms)",
-         title=f"Figure 6: input {timing['inputs']}, output {timing['targets']} "
-         f"({_subtitle(table)})")
+         title=f"{title}: input {timing['inputs']}, output {timing['targets']}")
+
+
+def fig6(table: dict, path: str) -> None:
+  """Time per sample vs number of key/value groups (bars: range of the timed repeats): the
+  reproduction's model, and the key/value-bound shape when timed."""
+  timings = [(table["fig6"], "model")]
+  if table.get("fig6_kv_bound"):
+    timings.append((table["fig6_kv_bound"], "key/value-bound shape"))
+  fig, axes = plt.subplots(1, len(timings), figsize=(5 * len(timings), 4), squeeze=False)
+  for ax, (timing, title) in zip(axes[0], timings):
+    _timing_panel(ax, timing, title)
+  fig.suptitle(f"Figure 6: time per sample vs groups ({_subtitle(table)})")
   _save(fig, path)
 
 

@@ -71,6 +71,10 @@ class Preset:
     its own (stage names end in -s<seed>); the claims' intervals combine them.
   timing_repeats: timed repeats of one decoding batch (median; compilation excluded).
   fig6: {'model', 'groups', 'inputs', 'targets', 'batch'} for time per sample vs groups.
+  fig6_kv_bound: {'model_gin', 'inputs', 'targets', 'batch'} ({}: none): Figure 6's groups
+    timed again on a model shape with random weights (a model gin file under configs/ with
+    the same number of heads), one large enough that reading the key/value cache dominates a
+    decode step, as at the paper's scale; the claims' speed measures use it when present.
   decode_partitions: model-parallel size of the evaluate and timing stages' decoding mesh.
   """
   name: str = gin.REQUIRED
@@ -95,6 +99,7 @@ class Preset:
   heldout_examples: int = 0
   heldout_batch_size: int = 8
   seeds: Sequence[int] = (0,)
+  fig6_kv_bound: Dict[str, object] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     seeds = tuple(self.seeds)

@@ -51,23 +51,28 @@ def hardware() -> str:
   return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
-def heldout_entries(plan: Plan, records: Dict[str, dict]) -> List[dict]:
+def _mean_interval(sample: np.ndarray) -> dict:
+  """{'loss': the mean of `sample` [seeds, examples], 'ci95': its 95% bootstrap interval}."""
+  interval = statistics.bootstrap(lambda loss: loss, [sample])
+  return {"loss": interval.estimate, "ci95": [interval.low, interval.high]}
+
+
+def heldout_entries(plan: Plan, measured: Dict[str, np.ndarray]) -> List[dict]:
   """Every held-out variant's loss (mean over seeds and examples) and its 95% interval."""
-  measured = claims.measurements(records)
   entries = []
   for v in plan.heldout_variants():
     sample = measured.get(claims.heldout(v.model, v.kv_heads, v.alpha, v.method))
     if sample is None:
       continue
-    interval = statistics.bootstrap(lambda loss: loss, [sample])
     entries.append({"key": v.key, "model": v.model, "label": v.label, "kv_heads": v.kv_heads,
                     "alpha": v.alpha, "method": None if v.kv_heads is None else v.method,
-                    "loss": interval.estimate, "ci95": [interval.low, interval.high],
-                    "seeds": sample.shape[0], "examples": sample.shape[1]})
+                    **_mean_interval(sample), "seeds": sample.shape[0],
+                    "examples": sample.shape[1]})
   return entries
 
 
-def row(plan: Plan, v: Variant, records: Dict[str, dict], heldout: Dict[str, dict]) -> dict:
+def row(plan: Plan, v: Variant, records: Dict[str, dict], heldout: Dict[str, dict],
+        measured: Dict[str, np.ndarray]) -> dict:
   """A variant's measured row: its seeds' runs (`stages.seeded`) combined."""
   seeds = plan.preset.seeds
   results = [records["evaluate"]["result"]["variants"][seeded(v, seed)] for seed in seeds]
@@ -87,6 +92,8 @@ def row(plan: Plan, v: Variant, records: Dict[str, dict], heldout: Dict[str, dic
           "scores_by_seed": scores_by_seed,
           "average": float(np.mean(average_by_seed)), "average_by_seed": average_by_seed,
           "heldout_loss": loss and loss["loss"], "heldout_ci95": loss and loss["ci95"],
+          "test_loss": {task: _mean_interval(measured[claims.test_loss(task, v.key)])
+                        for task in tasks if claims.test_loss(task, v.key) in measured},
           "metrics": {task: tasks[task]["metric"] for task in tasks},
           "n_eval_examples": {task: tasks[task]["n_eval_examples"] for task in tasks},
           "in_table1": v in plan.preset.table_variants, "paper_row": paper_row(v),
@@ -96,7 +103,8 @@ def row(plan: Plan, v: Variant, records: Dict[str, dict], heldout: Dict[str, dic
 def build_table(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) -> dict:
   p = plan.preset
   fig6 = records["fig6-timing"]["result"]
-  heldout = heldout_entries(plan, records)
+  measured = claims.measurements(records)
+  heldout = heldout_entries(plan, measured)
   by_key = {entry["key"]: entry for entry in heldout}
   return {"preset": p.name, "hardware": hardware(), "stage_seconds": seconds,
           "setup": {"pretrain_steps": p.pretrain_steps, "finetune_steps": p.finetune_steps,
@@ -107,8 +115,10 @@ def build_table(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) 
                              "conversion's seed of every run after pre-training (pre-training: "
                              "RANDOM_SEED=0)",
                     "heldout_examples": p.heldout_examples, "prepare": dict(p.prepare)},
-          "rows": [row(plan, v, records, by_key) for v in p.variants],
-          "heldout": heldout, "fig6": fig6, "paper": PAPER_TABLE1}
+          "rows": [row(plan, v, records, by_key, measured) for v in p.variants],
+          "heldout": heldout, "fig6": fig6,
+          "fig6_kv_bound": (records.get("fig6-timing-kv-bound") or {}).get("result"),
+          "paper": PAPER_TABLE1}
 
 
 def check_finite(table: dict) -> List[str]:
@@ -130,11 +140,17 @@ def _spread(mean: float, values: Sequence[float], scale: float = 1.0) -> str:
   return text
 
 
+def _interval_md(entry: Optional[dict]) -> str:
+  """'5.123 [5.010, 5.240]' of a {'loss', 'ci95'} entry, '-' without one."""
+  if entry is None:
+    return "-"
+  return f"{entry['loss']:.3f} [{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]"
+
+
 def _loss_md(r: dict) -> str:
   if r["heldout_loss"] is None:
     return "-"
-  low, high = r["heldout_ci95"]
-  return f"{r['heldout_loss']:.3f} [{low:.3f}, {high:.3f}]"
+  return _interval_md({"loss": r["heldout_loss"], "ci95": r["heldout_ci95"]})
 
 
 def _row_md(r: dict, tasks: List[str]) -> str:
@@ -147,6 +163,15 @@ def _row_md(r: dict, tasks: List[str]) -> str:
                "/".join(str(r["n_eval_examples"][t]) for t in tasks),
                f"{paper['t_infer_s']} / {paper['average']} ({r['paper_row']})"]
   return "| " + " | ".join(cells) + " |"
+
+
+def _timing_md(title: str, timing: dict) -> List[str]:
+  return ["", f"{title} (inputs {timing['inputs']}, outputs {timing['targets']}, batch "
+          f"{timing['batch_size']}, median of {timing['repeats']}, range of the repeats):", "",
+          "| key/value heads | ms/sample |", "|---|---|"] + [
+              f"| {p['kv_heads']} ({p['attention']}) | "
+              f"{_spread(p['t_infer_s'], p.get('t_infer_repeats_s', []), 1e3)} |"
+              for p in timing["points"]]
 
 
 def to_markdown(table: dict) -> str:
@@ -177,16 +202,22 @@ def to_markdown(table: dict) -> str:
               "| variant | alpha | conversion | loss [95% CI] | seeds x examples |",
               "|---|---|---|---|---|"] + [
                   f"| {e['label']} | {'-' if e['method'] is None else format(e['alpha'], 'g')} | "
-                  f"{e['method'] or '-'} | {e['loss']:.4f} [{e['ci95'][0]:.4f}, "
-                  f"{e['ci95'][1]:.4f}] | {e['seeds']} x {e['examples']} |"
+                  f"{e['method'] or '-'} | {_interval_md(e)} | {e['seeds']} x {e['examples']} |"
                   for e in table["heldout"]]
-  fig6 = table["fig6"]
-  lines += ["", f"Figure 6 timing (inputs {fig6['inputs']}, outputs {fig6['targets']}, batch "
-            f"{fig6['batch_size']}, median of {fig6['repeats']}, range of the repeats):", "",
-            "| key/value heads | ms/sample |", "|---|---|"] + [
-                f"| {p['kv_heads']} ({p['attention']}) | "
-                f"{_spread(p['t_infer_s'], p.get('t_infer_repeats_s', []), 1e3)} |"
-                for p in fig6["points"]]
+  tested = [r for r in rows if r["test_loss"]]
+  if tested:
+    lines += ["", "Fine-tuned test loss (mean token cross entropy on the scored test examples; "
+              "95% bootstrap interval):", "", "| variant | alpha | conversion | " + " | ".join(
+                  tasks) + " |", "|---|---|---|" + "---|" * len(tasks)] + [
+                      f"| {r['label']} | {'-' if r['method'] is None else format(r['alpha'], 'g')}"
+                      f" | {r['method'] or '-'} | " + " | ".join(
+                          _interval_md(r["test_loss"].get(t)) for t in tasks) + " |"
+                      for r in tested]
+  lines += _timing_md("Figure 6 timing of the reproduction's model", table["fig6"])
+  if table.get("fig6_kv_bound"):
+    lines += _timing_md("Figure 6 timing of the key/value-bound shape "
+                        f"({table['fig6_kv_bound']['source']}, random weights; the claims' "
+                        "speed measures)", table["fig6_kv_bound"])
   setup = table["setup"]
   lines += ["", f"Setup: pre-training {setup['pretrain_steps']} steps; uptraining alpha x "
             f"pre-training steps; fine-tuning {setup['finetune_steps']} steps per task; greedy "

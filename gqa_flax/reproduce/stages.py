@@ -10,6 +10,8 @@
   evaluate                       python -m gqa_flax.reproduce.evaluate (gqa-eval's evaluate() on
                                  every variant's test splits, and decode timing)
   fig6-timing                    python -m gqa_flax.reproduce.timing
+  fig6-timing-kv-bound           python -m gqa_flax.reproduce.timing --model_gin (Figure 6 at a
+                                 shape where the key/value cache dominates; random weights)
 
 Pre-training is not repeated per seed (the paper starts from one public checkpoint); every run
 after it takes the seed (`Preset.seeds`): `--gin.RANDOM_SEED` (data order, dropout) and the
@@ -167,7 +169,19 @@ class Plan:
         f"--targets={f6['targets']}", f"--batch_size={f6['batch']}",
         f"--repeats={p.timing_repeats}", f"--num_partitions={p.decode_partitions}",
         f"--output={result}"), result))
+    if p.fig6_kv_bound:
+      add(self._kv_bound_timing_stage())
     return list(stages.values())
+
+  def _kv_bound_timing_stage(self) -> Stage:
+    p, shape = self.preset, self.preset.fig6_kv_bound
+    result = os.path.join(self.stage_dir("fig6-timing-kv-bound"), "result.json")
+    return Stage("fig6-timing-kv-bound", _module(
+        "gqa_flax.reproduce.timing", f"--model_gin={shape['model_gin']}",
+        f"--groups={','.join(str(g) for g in p.fig6['groups'])}", f"--inputs={shape['inputs']}",
+        f"--targets={shape['targets']}", f"--batch_size={shape['batch']}",
+        f"--repeats={p.timing_repeats}", f"--num_partitions={p.decode_partitions}",
+        f"--output={result}"), result)
 
   def heldout_variants(self) -> List[Variant]:
     """Every variant, and every converted variant right after conversion (alpha 0)."""

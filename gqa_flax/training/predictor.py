@@ -22,7 +22,7 @@ its own rows, so a host decodes an equal share of every batch (the callers pad t
 and the tokens come back to every host, which score them; one host writes the files.
 """
 import functools
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +126,24 @@ class Predictor:
     padded = _pad_rows(inputs, self.partitioner.data_parallel_size)
     tokens = decode(self.params, _global(padded, self.partitioner.batch_sharding()))
     return _to_host(tokens)[:len(inputs)]
+
+  def per_example_loss(self, batch: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """([batch] mean cross entropy per target token, [batch] target tokens) of a batch of
+    feature-converted int32 arrays [batch, length] (the same on every host), teacher forced
+    (`EncoderDecoderModel.per_example_loss`). A batch that the data-parallel size does not
+    divide is padded with empty rows, dropped from the result."""
+    if "loss" not in self._decoders:
+      data = self.partitioner.batch_sharding()
+      self._decoders["loss"] = jax.jit(self.model.per_example_loss,
+                                       in_shardings=(self.param_shardings, data),
+                                       out_shardings=data)
+    rows = len(next(iter(batch.values())))
+    missing = -rows % self.partitioner.data_parallel_size
+    sharding = self.partitioner.batch_sharding()
+    padded = {name: _global(np.pad(np.asarray(value, np.int32), ((0, missing), (0, 0))),
+                            sharding) for name, value in batch.items()}
+    loss, tokens = self._decoders["loss"](self.params, padded)
+    return _to_host(loss)[:rows], _to_host(tokens)[:rows]
 
   def decode_cache(self, inputs: np.ndarray, max_decode_length: int) -> Any:
     """The decode cache of `inputs` as `predict` lays it out (global arrays), for inspection."""
