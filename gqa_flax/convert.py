@@ -19,14 +19,15 @@ _POD_WAIT_MS = 24 * 3_600_000  # the other hosts wait up to a day (XXL from gs:/
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = errors.ArgumentParser(
       prog="gqa-convert",
       description="Convert a multi-head T5.1.1 checkpoint into grouped-query attention (GQA-G, "
       "or MQA with G=1) in the decoder's self- and cross-attention (Ainslie et al. 2023, 2.1). "
       "SRC may be an Orbax checkpoint (ours or T5X's), a legacy T5X checkpoint_<step> directory "
       "(or its msgpack file) or a HF transformers T5 v1.1 directory; DST is an Orbax checkpoint "
-      "for gqa_flax.checkpoints.load and the trainer. Both may be gs:// URLs. Only the decoder's key/value kernels "
-      "change; everything else is copied bit for bit. Optimizer state is NOT carried over: "
+      "for gqa_flax.checkpoints.load and the trainer. Both may be gs:// URLs. Only the "
+      "decoder's key/value kernels change; everything else is copied bit for bit. Optimizer "
+      "state is NOT carried over: "
       "uptraining restarts Adafactor state, as T5X's sparse-upcycling recipe does.")
   parser.add_argument("--src", required=True, help="source checkpoint (format detected)")
   parser.add_argument("--dst", required=True, help="Orbax checkpoint directory to create")
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     raise
   outcome = pod.broadcast("convert/outcome", outcome, timeout_ms=_POD_WAIT_MS)
   if "error" in outcome:
+    errors.silence_unraisable()
     print(f"gqa-convert: error: {outcome['error']}", file=sys.stderr, flush=True)
     return 1
   print(outcome["ok"])

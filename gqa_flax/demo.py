@@ -5,14 +5,13 @@
 For each number of key/value heads it prints the decode cache bytes (self-attention and
 cross-attention K/V scale with G/H) and the greedy decoding time per sample.
 """
-import argparse
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from gqa_flax import decoding
+from gqa_flax import decoding, errors
 from gqa_flax.benchmarks import runners
 from gqa_flax.models import PRESETS, Transformer, t5_1_1_config
 
@@ -22,11 +21,11 @@ def _cache_bytes(cache) -> int:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = errors.ArgumentParser(prog="gqa-demo", description=__doc__.split("\n")[0])
   parser.add_argument("--size", default="tiny", choices=PRESETS)
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--inputs_len", type=int, default=64)
-  parser.add_argument("--decode_len", type=int, default=32)
+  parser.add_argument("--batch", type=errors.positive_int, default=4)
+  parser.add_argument("--inputs_len", type=errors.positive_int, default=64)
+  parser.add_argument("--decode_len", type=errors.positive_int, default=32)
   args = parser.parse_args(argv)
 
   base = t5_1_1_config(args.size, dtype="float32")

@@ -13,7 +13,10 @@ others wait for it at a `barrier`, and a decision taken by the writer reaches ev
 with `broadcast` (both through the coordination service that jax.distributed starts, so
 they need no accelerator and no compiled program). A process that fails reports it there
 (`fail`), and every other process, watching (`watch_for_failures`), ends at once with the
-same line.
+same line. A process that ends without a word (killed, its host lost) is found by the same
+watchers: each one beats in the coordination service, and a peer whose beat stops for
+`_SILENT_S` seconds without having exited ends every other process with one line; so does
+losing the service itself (process 0 gone).
 """
 import argparse
 import atexit
@@ -22,7 +25,8 @@ import json
 import os
 import sys
 import threading
-from typing import Any, NoReturn, Optional
+import time
+from typing import Any, Callable, List, NoReturn, Optional
 
 import jax
 
@@ -32,6 +36,10 @@ _TIMEOUT_MS = 3_600_000  # a barrier waits up to an hour (a stage's conversion a
 _FAILED_KEY = "gqa_flax/failed"  # {'process', 'message'} of the first process that failed
 _WATCH_PERIOD_S = 0.5
 _ACK_MS = 10_000  # how long a failing process waits for the others to have read its failure
+_ALIVE_KEY = "gqa_flax/alive"  # /<process>: a beat count, or 'exited' once it ended cleanly
+_EXITED = "exited"
+_SILENT_S = 30.0  # a peer whose beat stopped this long is gone
+_at_failure: List[Callable[[], None]] = []  # run before a watcher ends the process
 _uses = collections.Counter()  # every process passes the same barriers in the same order
 
 
@@ -149,29 +157,93 @@ def _failure_line(prog: str, message: str, index: int) -> str:
   return f"{prog}: error: {message} (process {index} of {process_count()})"
 
 
+def at_failure(cleanup: Callable[[], None]) -> None:
+  """Runs `cleanup` (e.g. killing a child process) before a watcher ends this process."""
+  if cleanup not in _at_failure:
+    _at_failure.append(cleanup)
+
+
+def _end(line: str) -> NoReturn:
+  print(line, file=sys.stderr, flush=True)
+  for cleanup in _at_failure:
+    cleanup()
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _try_get(client, key: str) -> Optional[str]:
+  """The key's value, None while it is not set; raises when the service is unreachable."""
+  try:
+    return client.key_value_try_get(key)
+  except Exception as e:  # pylint: disable=broad-except
+    if "NOT_FOUND" in str(e):
+      return None
+    raise
+
+
+class _Peers:
+  """When each other process's beat last changed (this process's clock)."""
+
+  def __init__(self, me: int):
+    self.me, self.seen = me, {}  # process -> (beat, time.monotonic() it was first seen)
+
+  def silent(self, client, now: float) -> Optional[int]:
+    """A process that has beaten, has not exited, and whose beat has not changed for
+    _SILENT_S seconds."""
+    for other in range(process_count()):
+      if other == self.me:
+        continue
+      beat = _try_get(client, f"{_ALIVE_KEY}/{other}")
+      if beat is None or beat == _EXITED:
+        continue
+      if self.seen.get(other, (None,))[0] != beat:
+        self.seen[other] = (beat, now)
+      elif now - self.seen[other][1] > _SILENT_S:
+        return other
+    return None
+
+
 def watch_for_failures(prog: str) -> None:
   """On a pod: a daemon thread that ends this process as soon as another process reports a
-  failure (`fail`), printing that process's line, so no host waits in a collective or a
-  barrier for a peer that is gone. It polls the coordination service twice a second and
-  stops at exit. A single host does nothing."""
+  failure (`fail`), printing that process's line, or stops beating (killed, host lost), or
+  the coordination service is lost, so no host waits in a collective or a barrier for a peer
+  that is gone. It polls the service twice a second, beats there, and stops at exit (marking
+  this process exited). A single host does nothing."""
   if not joined():
     return
   client, me, stop = _client_state().client, process_index(), threading.Event()
+  peers = _Peers(me)
 
-  def watch():
-    while not stop.wait(_WATCH_PERIOD_S):
-      try:
-        failure = json.loads(client.key_value_try_get(_FAILED_KEY))
-      except Exception:  # pylint: disable=broad-except  (not set: no failure yet)
-        continue
+  def check(beat: int) -> None:
+    client.key_value_set(f"{_ALIVE_KEY}/{me}", str(beat), allow_overwrite=True)
+    failure = _try_get(client, _FAILED_KEY)
+    if failure is not None:
+      failure = json.loads(failure)
       if failure["process"] == me:
+        stop.set()
         return
-      print(_failure_line(prog, failure["message"], failure["process"]), file=sys.stderr,
-            flush=True)
       client.key_value_set(f"{_FAILED_KEY}/seen/{me}", "1")
       if is_writer():  # process 0 holds the service: the others must read the failure first
         _await_seen(client, skip=(me, failure["process"]))
-      os._exit(1)  # pylint: disable=protected-access
+      _end(_failure_line(prog, failure["message"], failure["process"]))
+    silent = peers.silent(client, time.monotonic())
+    if silent is not None:
+      _end(_failure_line(prog, f"a process stopped responding for {_SILENT_S:.0f} s (killed, "
+                         "or its host lost); every process ends now; rerun the command on "
+                         "every host to resume", silent))
+
+  def watch():
+    beat, unreachable_since = 0, None
+    while not stop.wait(_WATCH_PERIOD_S):
+      beat += 1
+      try:
+        check(beat)
+        unreachable_since = None
+      except Exception:  # pylint: disable=broad-except  (the service: process 0's)
+        unreachable_since = unreachable_since or time.monotonic()
+        if time.monotonic() - unreachable_since > _SILENT_S:
+          _end(_failure_line(prog, "lost the coordination service that process 0 holds "
+                             "(killed, or its host lost); every process ends now; rerun the "
+                             "command on every host to resume", 0))
 
   watcher = threading.Thread(target=watch, name="gqa_flax_pod_watch", daemon=True)
   watcher.start()
@@ -179,6 +251,10 @@ def watch_for_failures(prog: str) -> None:
   def stop_watching():
     stop.set()
     watcher.join()
+    try:
+      client.key_value_set(f"{_ALIVE_KEY}/{me}", _EXITED, allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except  (the service has gone already)
+      pass
 
   # A thread still inside a coordination-service call when the interpreter finalizes aborts
   # the process: stop it at exit, before finalization.
@@ -189,6 +265,7 @@ def fail(prog: str, message: str) -> NoReturn:
   """Ends this command with `prog: error: message`: on a pod, every process prints the same
   line (with this process's index) and exits 1 within seconds (`watch_for_failures`); the
   exit is immediate (jax.distributed's shutdown would wait for the processes that left)."""
+  errors.silence_unraisable()
   if not joined():
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)

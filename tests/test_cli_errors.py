@@ -72,6 +72,12 @@ SETTINGS_CASES = {
     "convert: DST exists": (
         "gqa-convert", ["--src", "{t5x_tiny}", "--dst", "{tmp}", "--num_kv_heads", "1"],
         "DST {tmp} exists; pass --overwrite to replace it"),
+    "convert: a required flag missing": (
+        "gqa-convert", ["--src", "{t5x_tiny}", "--dst", "{tmp}/dst"],
+        "the following arguments are required: --num_kv_heads; see gqa-convert --help"),
+    "reproduce: --out missing": (
+        "gqa-reproduce", ["--preset", "smoke"],
+        "the following arguments are required: --out; see gqa-reproduce --help"),
     "reproduce: unknown preset": (
         "gqa-reproduce", ["--preset", "mni", "--out", "{tmp}/out"], "unknown preset 'mni'"),
     "reproduce: unknown binding": (
@@ -97,6 +103,7 @@ def run_command(prog, args, cwd):
 def assert_one_line_error(result, prog, expected):
   assert result.returncode == 1, result.stderr[-3000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "usage:" not in result.stderr, result.stderr[-3000:]  # argparse's block: not for errors
   lines = result.stderr.strip().splitlines()
   errors = [line for line in lines if line.startswith(f"{prog}: error:")]
   assert errors == [lines[-1]], result.stderr[-3000:]

@@ -1,8 +1,12 @@
 """`gqa-reproduce --preset paper` on the simulated pod (tests/pod.py), its models shrunk to the
 real tiny T5X legacy checkpoint and its tasks to the offline mini title task: the sources are
 read from gs:// URLs on the local GCS server (tests/gcs_server.py), every stage runs on both
-hosts, and table1.json's scores equal those of the same run in one process with 8 devices."""
+hosts, and table1.json's scores equal those of the same run in one process with 8 devices,
+although one host was killed in the middle and the pod's run resumed."""
 import json
+import os
+import signal
+import time
 
 import pytest
 from etils import epath
@@ -33,12 +37,22 @@ def _bindings(large: str, xxl: str):
       "'batch': 8}"]
 
 
+def _wait_for(path, job: pod.Pod) -> None:
+  deadline = time.time() + TIMEOUT
+  while not path.exists():
+    if time.time() > deadline or any(p.poll() is not None for p in job.processes):
+      job.kill()
+      raise AssertionError(f"{path} did not appear:\n{job.outputs()[0][-3000:]}")
+    time.sleep(0.5)
+
+
 def _argv(out, bindings):
   return pod.module("gqa_flax.reproduce.cli", "--preset", "paper", "--out", str(out),
                     "--heartbeat", "60", *(f"--gin_bindings={b}" for b in bindings))
 
 
-def test_paper_preset_on_the_pod_from_gs_equals_one_process(tmp_path, mini_data_dir, gcs_server):
+def test_paper_preset_on_the_pod_from_gs_resumes_after_a_lost_host_and_equals_one_process(
+    tmp_path, mini_data_dir, gcs_server):
   root = f"gs://{gcs_server.bucket}/pretrained"
   large = f"{root}/t5_1_1_large/checkpoint_0"  # the fixture's msgpack file, arrays inline
   epath.Path(large).mkdir(parents=True)
@@ -48,10 +62,22 @@ def test_paper_preset_on_the_pod_from_gs_equals_one_process(tmp_path, mini_data_
   t5x_legacy.write_t5x_legacy(xxl, flatten(fixture.params), 0, inline_max_bytes=1024)
   env = {"GQA_DATA_DIR": str(mini_data_dir)}
   bindings = _bindings(large, xxl)
+  # Host 1 is killed (with its stage's process) once the first fine-tuning stage starts: host
+  # 0 ends by itself within a minute with one line; rerun on both hosts, the pod resumes.
+  killed = pod.Pod(_argv(tmp_path / "pod", bindings), env=env)
+  _wait_for(tmp_path / "pod" / "stages" / "heldout" / "DONE.json", killed)
+  time.sleep(5)
+  os.killpg(killed.processes[1].pid, signal.SIGKILL)
+  assert killed.exit_times(90)[0] < 60, killed.outputs()[0][-3000:]
+  last = killed.outputs()[0].strip().splitlines()[-1]
+  assert last.startswith("gqa-reproduce: error: a process stopped responding") and \
+      last.endswith("(process 1 of 2)"), killed.outputs()[0][-3000:]
+  assert not (tmp_path / "pod" / "table1.json").exists()
   job = pod.Pod(_argv(tmp_path / "pod", bindings), env=env)
   single = pod.run_single(_argv(tmp_path / "single", bindings), TIMEOUT, env=env)
   outputs = job.wait(TIMEOUT)
   assert "wrote" in outputs[0].output and "table1.md" in outputs[0].output
+  assert "to run" in outputs[0].output and " 0 done" not in outputs[0].output  # resumed
   tables = [json.loads((tmp_path / out / "table1.json").read_text()) for out in ("pod", "single")]
   rows = [{r["label"]: (r["scores"], r["n_eval_examples"], r["kv_heads"]) for r in t["rows"]}
           for t in tables]

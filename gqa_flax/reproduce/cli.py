@@ -18,14 +18,14 @@ import os
 import sys
 import time
 
-from gqa_flax import pod
+from gqa_flax import errors, pod
 from gqa_flax.reproduce import claims, figures, report, runner
 from gqa_flax.reproduce.presets import load_preset
 from gqa_flax.reproduce.stages import Plan
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = errors.ArgumentParser(
       prog="gqa-reproduce", description="Reproduce Table 1 and Figures 3-6 of Ainslie et al. "
       "(2023): prepare -> pre-train -> convert -> uptrain -> fine-tune -> evaluate -> time, "
       "each stage a run of the project's own CLI and gin configs.")
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
       return 0
     pod_flags = pod.flags_of(args)
     pod.initialize(**pod_flags)
+    pod.watch_for_failures("gqa-reproduce")
     if not pod.joined():
       pod_flags = None
     elif not pod_flags["coordinator_address"]:  # a TPU pod that joined by itself

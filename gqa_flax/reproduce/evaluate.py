@@ -14,7 +14,6 @@ excluded) divided by the batch size, averaged over the tasks. Each variant's res
 written to DIR/VARIANT.json as soon as it is complete, and a rerun skips variants already
 there.
 """
-import argparse
 import collections
 import json
 import os
@@ -120,7 +119,7 @@ def parse_evals(evals: List[str]) -> Dict[str, List[List[str]]]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="gqa_flax.reproduce.evaluate",
+  parser = errors.ArgumentParser(prog="gqa_flax.reproduce.evaluate",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--eval", action="append", required=True,
                       metavar="VARIANT:TASK_GIN=MODEL_DIR", help="repeatable")

@@ -49,7 +49,7 @@ def heldout_losses(checkpoint: str, cfg: data_pipeline.DatasetConfig, num_exampl
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="gqa_flax.reproduce.heldout", description=__doc__)
+  parser = errors.ArgumentParser(prog="gqa_flax.reproduce.heldout", description=__doc__)
   parser.add_argument("--output", required=True)
   parser.add_argument("--task_gin", required=True, help="sets MIXTURE_OR_TASK_NAME and "
                       "TASK_FEATURE_LENGTHS (e.g. the preset's pre-training gin file)")

@@ -11,7 +11,9 @@ process 0 decides which stages are left and broadcasts the list; every host runs
 (joined into a pod of its own by the flags appended here, on the next coordinator port); the
 hosts' exit codes are shared, so all agree whether the stage failed; process 0 alone writes
 log.txt, DONE.json and the messages (the others log to a local temporary file); a barrier
-ends each stage.
+ends each stage. When a host is gone (killed, lost), the others end their stage's command
+and exit with one line within a minute (`pod.watch_for_failures`); rerunning the command on
+every host resumes.
 """
 import json
 import os
@@ -75,6 +77,15 @@ def _stage_argv(stage: Stage, index: int, pod_flags: Optional[dict]) -> List[str
                                         pod_flags["process_count"], pod_flags["process_index"])
 
 
+_running: List[subprocess.Popen] = []  # the stage command now running on this host
+
+
+def _kill_running() -> None:
+  """Ends the running stage command (a pod watcher calls it when another host is gone)."""
+  for process in _running:
+    process.kill()
+
+
 def _run_command(argv: List[str], log: str, env: Dict[str, str], name: str,
                  heartbeat: float) -> int:
   """Runs `argv` with its output in the local file `log`; echoes progress every heartbeat."""
@@ -83,15 +94,20 @@ def _run_command(argv: List[str], log: str, env: Dict[str, str], name: str,
     out.write(" ".join(argv) + "\n")
     out.flush()
     process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    while True:
-      try:
-        return process.wait(timeout=heartbeat)
-      except subprocess.TimeoutExpired:
-        if pod.is_writer():
-          print(f"    {name} {_fmt(time.time() - start)}: {_last_line(log)[:150]}", flush=True)
-      except BaseException:
-        process.kill()
-        raise
+    _running.append(process)
+    try:
+      while True:
+        try:
+          return process.wait(timeout=heartbeat)
+        except subprocess.TimeoutExpired:
+          if pod.is_writer():
+            print(f"    {name} {_fmt(time.time() - start)}: {_last_line(log)[:150]}",
+                  flush=True)
+    except BaseException:
+      process.kill()
+      raise
+    finally:
+      _running.remove(process)
 
 
 def run_stage(plan: Plan, stage: Stage, heartbeat: float, index: int = 0,
@@ -138,6 +154,7 @@ def run_all(plan: Plan, heartbeat: float = 30.0, pod_flags: Optional[dict] = Non
   """Runs every stage not done yet; returns stage name -> DONE record. On a pod, call it on
   every host with the same plan and `pod_flags` (the runner's own, see module docstring)."""
   stages = plan.stages()
+  pod.at_failure(_kill_running)
   left = pod.broadcast("stages/left", [s.name for s in stages
                                        if pod.is_writer() and done_record(plan, s.name) is None])
   todo = [s for s in stages if s.name in left]

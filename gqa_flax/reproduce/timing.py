@@ -13,7 +13,6 @@ as in the paper's fixed 2048/512 setup) from random input tokens, with the parti
 decoding of `training.predictor` on a mesh of `--num_partitions`-way model parallelism (every
 host of a pod runs the command; process 0 writes the result).
 """
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from gqa_flax import pod
+from gqa_flax import errors, pod
 from gqa_flax.benchmarks import runners
 from gqa_flax.checkpoints.convert import convert_arrays
 from gqa_flax.checkpoints.reader import open_checkpoint
@@ -108,7 +107,7 @@ def write_json(path: str, data: dict) -> None:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="gqa_flax.reproduce.timing", description=__doc__.split(
+  parser = errors.ArgumentParser(prog="gqa_flax.reproduce.timing", description=__doc__.split(
       "\n")[0])
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--checkpoint", help="multi-head checkpoint, mean-pooled to each G")
