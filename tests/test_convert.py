@@ -16,7 +16,9 @@ from gqa_flax import checkpoints
 from gqa_flax.checkpoints import arrays, orbax_format, t5x_legacy
 from gqa_flax.checkpoints.arrays import flatten
 from gqa_flax.checkpoints.convert import (convert_arrays, convert_checkpoint, first_head_kv,
-                                          mean_pool_kv, random_kv)
+                                          kv_head_cosines, kv_head_similarity, mean_pool_kv,
+                                          random_kv)
+from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.convert import main
 from gqa_flax.decoding import greedy_decode
 from gqa_flax.models import Transformer, t5_1_1_config
@@ -84,6 +86,19 @@ def test_real_t5x_checkpoint_converts(tmp_path, t5x_tiny, groups, cross, method)
   if groups == 4:  # G = H reproduces the source exactly.
     for name in KV_KERNELS:
       np.testing.assert_array_equal(params[name], t5x_tiny[name])
+
+
+def test_kv_head_similarity_of_the_real_t5x_checkpoint_against_numpy(t5x_tiny):
+  half = 1 / np.sqrt(2)  # heads [1, 0], [0, 1], [1, 1] (emb 2, head_dim 1)
+  np.testing.assert_allclose(kv_head_cosines(np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]), 1),
+                             [[1, 0, half], [0, 1, half], [half, half, 1]])
+  similarity = kv_head_similarity(open_checkpoint(T5X_TINY))
+  assert set(similarity) == set(KV_KERNELS)
+  for name in KV_KERNELS:
+    heads = [head.ravel() for head in _heads(t5x_tiny[name], 3)]
+    expected = np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+                        for i, a in enumerate(heads) for j, b in enumerate(heads) if i != j])
+    assert similarity[name] == pytest.approx(expected, abs=1e-6), name  # a float32 reference
 
 
 def test_random_uses_model_initializer_with_seed(tmp_path, t5x_tiny):

@@ -8,9 +8,13 @@ import sys
 import numpy as np
 import pytest
 
+from gqa_flax import checkpoints
+from gqa_flax.checkpoints.convert import kv_head_similarity
+from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.reproduce import claims, cli, figures, report, statistics, timing
 from gqa_flax.reproduce.presets import Variant, load_preset
 from gqa_flax.reproduce.stages import Plan
+from tests.test_convert import T5X_TINY
 
 
 def _reproduce(*args, env=None):
@@ -55,9 +59,15 @@ def test_smoke_table_and_figures(smoke_run):
     assert r["heldout_ci95"][0] <= r["heldout_loss"] <= r["heldout_ci95"][1]
   markdown = (out / "table1.md").read_text()
   assert "| MQA-tiny | 0.05 | mean |" in markdown and "paper" in markdown
-  for n in (3, 4, 5, 6):
-    png = out / f"fig{n}.png"
+  for name in ("fig3", "fig4", "fig5", "fig6", "pretraining"):
+    png = out / f"{name}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The pre-training curve: training loss every 10 steps (and at step 1, where Orbax saves
+  # a run's first checkpoint), held-out loss at the end (step 40).
+  curve = table["pretraining"]["tiny"]
+  assert curve["step"] == [1, 10, 20, 30, 40] and curve["heldout_step"] == [40]
+  assert len(curve["kv_head_similarity"]) == 8  # 2 decoder layers x 2 attentions x key, value
+  assert all(-1 <= x <= 1 for x in curve["kv_head_similarity"].values())
 
 
 CLAIM_KEYS = {"id", "statement", "measure", "estimate", "ci95", "paper_direction", "threshold",
@@ -216,6 +226,15 @@ def _two_seed_records(plan: Plan) -> dict:
 def test_table_rows_combine_the_seeds_and_carry_the_held_out_interval(tmp_path):
   plan = Plan(load_preset("smoke", ["Preset.seeds = [0, 1]"]), str(tmp_path), None)
   records = _two_seed_records(plan)
+  # The pre-training run's metrics: training loss every 10 steps, held-out every 20.
+  run = tmp_path / "runs" / "pretrain-tiny"
+  run.mkdir(parents=True)
+  run.joinpath("metrics.jsonl").write_text("\n".join(
+      json.dumps({"step": step, report.TRAIN_LOSS: 10 - step / 10,
+                  **({report.HELDOUT_LOSS: 8 - step / 20} if step % 20 == 0 else {})})
+      for step in range(10, 90, 10)))
+  fixture = checkpoints.load_checkpoint(T5X_TINY)  # the pre-trained model: the real T5X one
+  checkpoints.save(str(run), 40, fixture.params, fixture.config)
   table = report.build_table(plan, records, None)
   mqa = table["rows"][1]  # variant 1: MQA, alpha 0.05
   assert mqa["label"] == "MQA-tiny" and mqa["seeds"] == [0, 1]
@@ -239,8 +258,19 @@ def test_table_rows_combine_the_seeds_and_carry_the_held_out_interval(tmp_path):
   assert "| MQA-tiny | 0.05 | mean | 2.50 (2.00-3.00) |" in markdown
   assert "10.50 (10.00-11.00)" in markdown and "2 x 16" in markdown
   assert f"| MQA-tiny | 0.05 | mean | {test['loss']:.3f} [" in markdown
+  curve = table["pretraining"]["tiny"]
+  assert curve["step"] == list(range(10, 90, 10)) and curve["heldout_step"] == [20, 40, 60, 80]
+  assert curve["heldout_loss"] == [7.0, 6.0, 5.0, 4.0]
+  # The last quarter of 80 steps starts at step 60: (5 - 4) / 5.
+  assert report.last_quarter_drop(curve) == pytest.approx(0.2)
+  assert "it fell 20.0% over the last quarter" in markdown
+  similarity = kv_head_similarity(open_checkpoint(T5X_TINY))
+  assert curve["kv_head_similarity"] == pytest.approx(similarity)
+  assert curve["mean_kv_head_similarity"] == pytest.approx(np.mean(list(similarity.values())))
+  assert f"mean pairwise cosine similarity of {curve['mean_kv_head_similarity']:.3f}" in markdown
   assert report.check_finite(table) == []
-  assert len(figures.draw_all(table, str(tmp_path))) == 4
+  assert [os.path.basename(p) for p in figures.draw_all(table, str(tmp_path))] == [
+      "fig3.png", "fig4.png", "fig5.png", "fig6.png", "pretraining.png"]
 
 
 @pytest.mark.parametrize("seeds", ["[]", "[1, 1]", "[-1]"])

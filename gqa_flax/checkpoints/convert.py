@@ -125,6 +125,28 @@ def convert_arrays(source: CheckpointSource, num_kv_heads: int,
   return config, arrays
 
 
+def kv_head_cosines(kernel: np.ndarray, head_dim: int) -> np.ndarray:
+  """[H, H] cosine similarities between the heads of a key/value kernel [emb, H*head_dim],
+  each head's [emb, head_dim] block taken as one vector."""
+  emb, joined = kernel.shape
+  heads = kernel.reshape(emb, joined // head_dim, head_dim).transpose(1, 0, 2).reshape(
+      joined // head_dim, -1).astype(np.float64)
+  unit = heads / np.maximum(np.linalg.norm(heads, axis=1, keepdims=True), 1e-30)
+  return unit @ unit.T
+
+
+def kv_head_similarity(source: CheckpointSource) -> Dict[str, float]:
+  """{decoder key/value kernel name: the mean cosine similarity of its pairs of heads}: how
+  alike the heads that conversion pools are (near 0: unrelated heads; 1: identical ones)."""
+  similarity = {}
+  for name, array in source.arrays.items():
+    if _KV_KERNEL.fullmatch(name):
+      cosines = kv_head_cosines(np.asarray(array.read()), source.config.head_dim)
+      heads = len(cosines)
+      similarity[name] = float((cosines.sum() - np.trace(cosines)) / (heads * (heads - 1)))
+  return similarity
+
+
 def _with_progress(arrays: Dict[str, LazyArray], bar: tqdm) -> Dict[str, LazyArray]:
   """The same arrays, advancing `bar` by the bytes of each block read."""
   done = itertools.count(1)

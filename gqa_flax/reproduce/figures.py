@@ -138,10 +138,28 @@ def fig6(table: dict, path: str) -> None:
   _save(fig, path)
 
 
+def pretraining(table: dict, path: str) -> None:
+  """Each pre-trained model's training loss and held-out (train_eval) loss against steps."""
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for model, curve in sorted(table["pretraining"].items()):
+    line, = ax.plot(curve["step"], curve["train_loss"], alpha=0.5, label=f"{model}: training")
+    ax.plot(curve["heldout_step"], curve["heldout_loss"], marker="o", color=line.get_color(),
+            label=f"{model}: held-out")
+  ax.set(xlabel="pre-training step", ylabel="loss per target token",
+         title=f"Pre-training of the multi-head model ({_subtitle(table)})")
+  ax.legend(fontsize=8)
+  _save(fig, path)
+
+
 def draw_all(table: dict, out: str) -> List[str]:
+  """fig3.png .. fig6.png, and pretraining.png when the run pre-trained a model."""
+  drawings = [(f"fig{number}.png", draw) for number, draw in ((3, fig3), (4, fig4), (5, fig5),
+                                                                (6, fig6))]
+  if table.get("pretraining"):
+    drawings.append(("pretraining.png", pretraining))
   paths = []
-  for number, draw in ((3, fig3), (4, fig4), (5, fig5), (6, fig6)):
-    path = os.path.join(out, f"fig{number}.png")
+  for name, draw in drawings:
+    path = os.path.join(out, name)
     draw(table, path)
     paths.append(path)
   return paths

@@ -6,13 +6,17 @@ seeds a row's task scores, average and time are means (time: median) over the se
 with their range over the seeds; its held-out loss has the claims' 95% bootstrap interval
 (`statistics.py`: seeds, then examples, resampled).
 """
+import json
 import math
 import os
 import platform
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
+from gqa_flax.checkpoints.convert import kv_head_similarity
+from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.reproduce import claims, statistics
 from gqa_flax.reproduce.presets import Variant
 from gqa_flax.reproduce.stages import Plan, seeded
@@ -100,6 +104,54 @@ def row(plan: Plan, v: Variant, records: Dict[str, dict], heldout: Dict[str, dic
           "device": results[0]["device"]}
 
 
+TRAIN_LOSS = "cross_ent_loss_per_target_token"
+HELDOUT_LOSS = f"train_eval/{TRAIN_LOSS}"
+
+
+def pretraining_curve(model_dir: str) -> Optional[dict]:
+  """{'step', 'train_loss', 'heldout_step', 'heldout_loss'} lists from a pre-training run's
+  metrics.jsonl (its training loss and train_eval loss per logged step); None without one."""
+  path = epath.Path(model_dir) / "metrics.jsonl"
+  if not path.exists():
+    return None
+  curve = {"step": [], "train_loss": [], "heldout_step": [], "heldout_loss": []}
+  for line in path.read_text().splitlines():
+    entry = json.loads(line)
+    if TRAIN_LOSS in entry:
+      curve["step"].append(entry["step"])
+      curve["train_loss"].append(entry[TRAIN_LOSS])
+    if HELDOUT_LOSS in entry:
+      curve["heldout_step"].append(entry["step"])
+      curve["heldout_loss"].append(entry[HELDOUT_LOSS])
+  return curve
+
+
+def last_quarter_drop(curve: dict) -> Optional[float]:
+  """How much the held-out loss fell over the last quarter of pre-training, relative to its
+  value there (a flattened curve: near 0); None with fewer than two held-out points."""
+  steps, losses = curve["heldout_step"], curve["heldout_loss"]
+  if len(steps) < 2:
+    return None
+  start = next(i for i, step in enumerate(steps) if step >= 0.75 * steps[-1])
+  start = min(start, len(steps) - 2)
+  return (losses[start] - losses[-1]) / losses[start]
+
+
+def pretrained_models(plan: Plan) -> Dict[str, dict]:
+  """What the run pre-trained itself, per model: its curve (`pretraining_curve`) and how alike
+  its decoder's key/value heads are ('kv_head_similarity': mean pairwise cosine per kernel,
+  'mean_kv_head_similarity': their mean)."""
+  models = {}
+  for model in sorted({v.model for v in plan.preset.variants} - set(plan.preset.checkpoints)):
+    curve = pretraining_curve(plan.run_dir(f"pretrain-{model}"))
+    if curve is None:
+      continue
+    similarity = kv_head_similarity(open_checkpoint(plan.pretrained(model)))
+    models[model] = {**curve, "kv_head_similarity": similarity,
+                     "mean_kv_head_similarity": float(np.mean(list(similarity.values())))}
+  return models
+
+
 def build_table(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) -> dict:
   p = plan.preset
   fig6 = records["fig6-timing"]["result"]
@@ -118,6 +170,7 @@ def build_table(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) 
           "rows": [row(plan, v, records, by_key, measured) for v in p.variants],
           "heldout": heldout, "fig6": fig6,
           "fig6_kv_bound": (records.get("fig6-timing-kv-bound") or {}).get("result"),
+          "pretraining": pretrained_models(plan),
           "paper": PAPER_TABLE1}
 
 
@@ -204,6 +257,16 @@ def to_markdown(table: dict) -> str:
                   f"| {e['label']} | {'-' if e['method'] is None else format(e['alpha'], 'g')} | "
                   f"{e['method'] or '-'} | {_interval_md(e)} | {e['seeds']} x {e['examples']} |"
                   for e in table["heldout"]]
+  for model, curve in table.get("pretraining", {}).items():
+    lines += ["", f"Pre-trained {model}: its decoder's key/value heads have a mean pairwise "
+              f"cosine similarity of {curve['mean_kv_head_similarity']:.3f} (0: unrelated "
+              "heads, 1: identical)."]
+    drop = last_quarter_drop(curve)
+    if drop is not None:
+      lines[-1] += (f" Held-out loss (pretraining.png) {curve['heldout_loss'][0]:.3f} at step "
+                    f"{curve['heldout_step'][0]}, {curve['heldout_loss'][-1]:.3f} at step "
+                    f"{curve['heldout_step'][-1]}; it fell {100 * drop:.1f}% over the last "
+                    "quarter of the steps.")
   tested = [r for r in rows if r["test_loss"]]
   if tested:
     lines += ["", "Fine-tuned test loss (mean token cross entropy on the scored test examples; "
