@@ -9,8 +9,8 @@ import seqio
 
 from gqa_flax import checkpoints
 from gqa_flax.models import t5_1_1_config
-from gqa_flax.reproduce import evaluate, heldout
-from gqa_flax.training import data_pipeline, predictor
+from gqa_flax.reproduce import heldout
+from gqa_flax.training import data_pipeline, evaluation, predictor
 from gqa_flax.training.partitioning import Partitioner
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 from tests import training_task
@@ -74,5 +74,6 @@ def test_fine_tuned_test_losses_are_the_decoded_examples_cross_entropies(tmp_pat
   cfg = data_pipeline.DatasetConfig(training_task.TASK_NAME, LENGTHS, split="validation",
                                     batch_size=4, shuffle=False, pack=False,
                                     module="tests.training_task")
-  losses = evaluate.test_losses(decoder, cfg, 7, 4)
+  losses, tokens = evaluation.per_example_losses(decoder, cfg, 7)
   np.testing.assert_allclose(losses, _numpy_losses(model, params, 7), rtol=2e-5)
+  assert len(tokens) == 7 and tokens.all()

@@ -24,7 +24,6 @@ from typing import Dict, List
 import gin
 import jax
 import numpy as np
-import seqio
 from etils import epath
 
 from gqa_flax import errors, pod
@@ -32,7 +31,6 @@ from gqa_flax.checkpoints.orbax_format import step_dir
 from gqa_flax.reproduce.timing import seconds_per_sample, write_json
 from gqa_flax.training import data_pipeline, evaluation, gin_utils
 from gqa_flax.training.partitioning import Partitioner
-from gqa_flax.training.predictor import Predictor
 
 PRIMARY_METRICS = ("rouge1", "bleu", "f1")
 
@@ -45,22 +43,6 @@ def first_batch(cfg: data_pipeline.DatasetConfig, batch_size: int) -> np.ndarray
   for row, example in enumerate(ds.take(batch_size).as_numpy_iterator()):
     tokens[row, :len(example["inputs"])] = example["inputs"]
   return tokens
-
-
-def test_losses(decoder: Predictor, cfg: data_pipeline.DatasetConfig, num_examples: int,
-                batch_size: int) -> List[float]:
-  """Each of the split's first `num_examples` examples' teacher-forced loss (mean cross
-  entropy per target token): the examples gqa-eval decodes, in its order and lengths."""
-  lengths = dict(cfg.task_feature_lengths)
-  ds = cfg.task().get_dataset(lengths, split=cfg.split, shuffle=False, num_epochs=1)
-  ds = seqio.EncDecFeatureConverter(pack=False)(ds.take(num_examples), lengths)
-  losses: List[float] = []
-  for batch in ds.batch(batch_size).as_numpy_iterator():
-    rows = len(batch["decoder_target_tokens"])  # the last batch padded: one compiled program
-    padded = {name: np.pad(value, ((0, batch_size - rows), (0, 0)))
-              for name, value in batch.items()}
-    losses.extend(decoder.per_example_loss(padded)[0][:rows].tolist())
-  return losses
 
 
 def evaluate_task(task_gin: str, model_dir: str, output_dir: str, num_examples: int,
@@ -84,7 +66,7 @@ def evaluate_task(task_gin: str, model_dir: str, output_dir: str, num_examples: 
   decoder, step = evaluation.restore_predictor(checkpoint, partitioner=Partitioner(num_partitions))
   targets = cfg.task_feature_lengths["targets"]
   t_infer = seconds_per_sample(lambda: decoder.predict(tokens, targets), batch_size, repeats)
-  losses = test_losses(decoder, cfg, counts[task], batch_size)
+  losses = evaluation.per_example_losses(decoder, cfg, counts[task])[0].tolist()
   config = decoder.model.config
   if pod.is_writer():
     print(f"{task}: {metric} {scores[metric]:.2f} and loss {np.mean(losses):.4f} on "

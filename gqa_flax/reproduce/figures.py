@@ -1,6 +1,6 @@
 """Figures 3-6 of the paper from a measured table1.json (matplotlib, Agg backend)."""
 import os
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import matplotlib
 
@@ -18,14 +18,20 @@ def _subtitle(table: dict) -> str:
   return f"measured, preset {table['preset']}"
 
 
-def _range(mean: float, values: Sequence[float]) -> List[List[float]]:
-  """Matplotlib's asymmetric error of `mean` reaching the values' min and max."""
+def _range(mean: float, values: Sequence[float]) -> Tuple[float, float]:
+  """(below, above): how far the values' min and max lie from `mean`."""
   values = values or [mean]
-  return [[mean - min(values)], [max(values) - mean]]
+  return mean - min(values), max(values) - mean
 
 
-def _ci(entry: dict) -> List[List[float]]:
-  return [[entry["loss"] - entry["ci95"][0]], [entry["ci95"][1] - entry["loss"]]]
+def _ci(entry: dict) -> Tuple[float, float]:
+  """(below, above): how far a {'loss', 'ci95'} entry's interval reaches."""
+  return entry["loss"] - entry["ci95"][0], entry["ci95"][1] - entry["loss"]
+
+
+def _yerr(*extents: Tuple[float, float]) -> List[List[float]]:
+  """Matplotlib's asymmetric errors [[below...], [above...]] of (below, above) pairs."""
+  return [[below for below, _ in extents], [above for _, above in extents]]
 
 
 def _no_heldout(ax) -> None:
@@ -38,8 +44,9 @@ def fig3(table: dict, path: str) -> None:
   fig, ax = plt.subplots(figsize=(5, 4))
   for r in (r for r in table["rows"] if r["in_table1"]):
     x, y = r["t_infer_s"] * 1e3, r["average"]
-    ax.errorbar([x], [y], yerr=_range(y, r["average_by_seed"]),
-                xerr=_range(x, [t * 1e3 for t in r["t_infer_by_seed_s"]]), fmt="o", capsize=3)
+    ax.errorbar([x], [y], yerr=_yerr(_range(y, r["average_by_seed"])),
+                xerr=_yerr(_range(x, [t * 1e3 for t in r["t_infer_by_seed_s"]])), fmt="o",
+                capsize=3)
     ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4))
   ax.set(xlabel="time per sample (ms)", ylabel="average score",
          title=f"Figure 3: quality vs time ({_subtitle(table)})")
@@ -64,14 +71,14 @@ def fig4(table: dict, path: str) -> None:
   fig, (score_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 4))
   rows = _method_group(table["rows"])
   for r in rows:
-    score_ax.bar(r["method"], r["average"], yerr=_range(r["average"], r["average_by_seed"]),
-                 capsize=4)
+    score_ax.bar(r["method"], r["average"],
+                 yerr=_yerr(_range(r["average"], r["average_by_seed"])), capsize=4)
   score_ax.set(xlabel="conversion", ylabel="average score",
                title=f"{rows[0]['label']}, alpha {rows[0]['alpha']:g}" if rows else "no rows")
   entries = _method_group([e for e in table["heldout"] if e["alpha"] > 0]) or _method_group(
       table["heldout"])  # after uptraining, as Figure 4; else right after conversion
   for e in entries:
-    loss_ax.bar(e["method"], e["loss"], yerr=_ci(e), capsize=4)
+    loss_ax.bar(e["method"], e["loss"], yerr=_yerr(_ci(e)), capsize=4)
   if entries:
     low = min(e["ci95"][0] for e in entries)
     loss_ax.set_ylim(low - 0.05 * abs(low), max(e["ci95"][1] for e in entries) * 1.02)
@@ -99,10 +106,8 @@ def fig5(table: dict, path: str) -> None:
         ax.axhline(item[value], linestyle="--", color="gray", label=f"{item['label']}")
     for label, points in sorted(lines.items()):
       points.sort(key=lambda item: item["alpha"])
-      errors = [error(item) for item in points]
       ax.errorbar([item["alpha"] for item in points], [item[value] for item in points],
-                  yerr=[[e[0][0] for e in errors], [e[1][0] for e in errors]], marker="o",
-                  capsize=3, label=label)
+                  yerr=_yerr(*map(error, points)), marker="o", capsize=3, label=label)
     if lines or any(item["method"] is None for item in items):
       ax.legend(fontsize=8)
   score_ax.set(xlabel="uptraining proportion alpha", ylabel="average score")
@@ -118,7 +123,7 @@ def _timing_panel(ax, timing: dict, title: str) -> None:
   errors = [_range(p["t_infer_s"] * 1e3, [t * 1e3 for t in p.get("t_infer_repeats_s", [])])
             for p in points]
   ax.errorbar([p["kv_heads"] for p in points], [p["t_infer_s"] * 1e3 for p in points],
-              yerr=[[e[0][0] for e in errors], [e[1][0] for e in errors]], marker="o", capsize=3)
+              yerr=_yerr(*errors), marker="o", capsize=3)
   ax.set_xscale("log", base=2)
   ax.set_xticks([p["kv_heads"] for p in points], [str(p["kv_heads"]) for p in points])
   ax.set(xlabel="GQA groups (key/value heads)", ylabel="time per sample (ms)",

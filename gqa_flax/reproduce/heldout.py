@@ -7,17 +7,17 @@ The examples are the split's first `num_examples` (unshuffled, unpacked, the tas
 preprocessing with its fixed seed: span corruption draws the same spans every time), so every
 checkpoint is scored on the same examples, in the same order: the claims compare variants
 pairwise (`claims.py`). A checkpoint named several times (a deterministic conversion, the
-same for every seed) is scored once. Each example's loss is its mean cross entropy per target token
-(`EncoderDecoderModel.per_example_loss`). On a pod every host runs the command with the pod
-flags; the batches are sharded over the data axis and the losses gathered. FILE (written by
-process 0): {"task", "split", "num_examples", "losses": {NAME: [loss per example]}}.
+same for every seed) is scored once. Each example's loss is its mean cross entropy per target
+token (`training.evaluation.per_example_losses`, as the evaluate stage scores the fine-tuned
+models). On a pod every host runs the command with the pod flags and reads the same examples;
+each batch is sharded over the data axis and the losses gathered. FILE (written by process
+0): {"task", "split", "num_examples", "losses": {NAME: [loss per example]}}.
 """
 import argparse
 import sys
 from typing import Dict, List
 
 import gin
-import jax
 import numpy as np
 
 from gqa_flax import errors, pod
@@ -30,19 +30,8 @@ def heldout_losses(checkpoint: str, cfg: data_pipeline.DatasetConfig, num_exampl
                    partitioner: Partitioner) -> np.ndarray:
   """[num_examples] losses of the checkpoint on the first examples of `cfg`'s split."""
   predictor, _ = evaluation.restore_predictor(checkpoint, partitioner=partitioner)
-  model, params = predictor.model, predictor.params
-  loss_step = jax.jit(model.per_example_loss, out_shardings=partitioner.replicated())
-  steps = num_examples // cfg.batch_size
-  ds = data_pipeline.get_dataset(cfg, partitioner.data_layout(cfg.batch_size), num_epochs=1,
-                                 pad_to=steps)
-  losses, tokens = [], []
-  for batch in data_pipeline.as_numpy(ds):
-    loss, count = jax.device_get(loss_step(params, partitioner.global_batch(batch,
-                                                                             cfg.batch_size)))
-    losses.append(loss)
-    tokens.append(count)
-  losses, tokens = np.concatenate(losses), np.concatenate(tokens)
-  if not tokens.all():
+  losses, tokens = evaluation.per_example_losses(predictor, cfg, num_examples)
+  if len(losses) < num_examples or not tokens.all():
     raise errors.UserError(f"the {cfg.split} split of {cfg.mixture_or_task_name} has fewer than "
                            f"{num_examples} examples; lower --num_examples")
   return losses

@@ -161,23 +161,20 @@ class Plan:
         *(f"--eval={seeded(v, s)}:{task_gin}={self.run_dir(self.finetune_run(v, s, task))}"
           for s in p.seeds for v in p.variants for task, task_gin in p.tasks.items())),
         os.path.join(evaluate, "result.json")))
-    result = os.path.join(self.stage_dir("fig6-timing"), "result.json")
-    f6 = p.fig6
-    add(Stage("fig6-timing", _module(
-        "gqa_flax.reproduce.timing", f"--checkpoint={self.pretrained(f6['model'])}",
-        f"--groups={','.join(str(g) for g in f6['groups'])}", f"--inputs={f6['inputs']}",
-        f"--targets={f6['targets']}", f"--batch_size={f6['batch']}",
-        f"--repeats={p.timing_repeats}", f"--num_partitions={p.decode_partitions}",
-        f"--output={result}"), result))
+    add(self._timing_stage("fig6-timing", f"--checkpoint={self.pretrained(p.fig6['model'])}",
+                           p.fig6))
     if p.fig6_kv_bound:
-      add(self._kv_bound_timing_stage())
+      add(self._timing_stage("fig6-timing-kv-bound",
+                             f"--model_gin={p.fig6_kv_bound['model_gin']}", p.fig6_kv_bound))
     return list(stages.values())
 
-  def _kv_bound_timing_stage(self) -> Stage:
-    p, shape = self.preset, self.preset.fig6_kv_bound
-    result = os.path.join(self.stage_dir("fig6-timing-kv-bound"), "result.json")
-    return Stage("fig6-timing-kv-bound", _module(
-        "gqa_flax.reproduce.timing", f"--model_gin={shape['model_gin']}",
+  def _timing_stage(self, name: str, source: str, shape: Dict) -> Stage:
+    """Figure 6's groups timed on `source` (the timing module's --checkpoint or --model_gin)
+    at `shape`'s inputs, targets and batch."""
+    p = self.preset
+    result = os.path.join(self.stage_dir(name), "result.json")
+    return Stage(name, _module(
+        "gqa_flax.reproduce.timing", source,
         f"--groups={','.join(str(g) for g in p.fig6['groups'])}", f"--inputs={shape['inputs']}",
         f"--targets={shape['targets']}", f"--batch_size={shape['batch']}",
         f"--repeats={p.timing_repeats}", f"--num_partitions={p.decode_partitions}",
