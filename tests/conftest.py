@@ -1,24 +1,14 @@
 """Shared pytest fixtures, the markers `slow` and `pod`, and the suite's compilation cache."""
 import os
 import sys
-from importlib import metadata
 
 import pytest
 
-
-def _compilation_cache_dir() -> str:
-  """JAX's persistent compilation cache for the suite and every subprocess it starts, one
-  directory per jax/jaxlib version pair (an upgrade never reads another version's entries)."""
-  root = os.environ.get("GQA_FLAX_CACHE", os.path.expanduser("~/.cache/gqa_flax"))
-  versions = "-".join(f"{name}{metadata.version(name)}" for name in ("jax", "jaxlib"))
-  return os.path.join(root, "jax_compilation_cache", versions)
+from gqa_flax import compilation_cache
 
 
-# Set before JAX is imported here, and inherited by the subprocesses (gqa-train, pod hosts...):
-# every program is cached, however small or quick to compile.
-for _name, _value in (("JAX_COMPILATION_CACHE_DIR", _compilation_cache_dir()),
-                      ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
-                      ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")):
+# Set before JAX is imported here, and inherited by the subprocesses (gqa-train, pod hosts...).
+for _name, _value in compilation_cache.environment().items():
   os.environ.setdefault(_name, _value)
 
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from gqa_flax import checkpoints
+from gqa_flax import checkpoints, errors
 from gqa_flax.checkpoints.convert import kv_head_similarity
 from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.reproduce import claims, cli, figures, report, statistics, timing
@@ -65,7 +65,7 @@ def test_smoke_table_and_figures(smoke_run):
   # The pre-training curve: training loss every 10 steps (and at step 1, where Orbax saves
   # a run's first checkpoint), held-out loss at the end (step 40).
   curve = table["pretraining"]["tiny"]
-  assert curve["step"] == [1, 10, 20, 30, 40] and curve["heldout_step"] == [40]
+  assert curve["step"] == [10, 20, 30, 40] and curve["heldout_step"] == [40]
   assert len(curve["kv_head_similarity"]) == 8  # 2 decoder layers x 2 attentions x key, value
   assert all(-1 <= x <= 1 for x in curve["kv_head_similarity"].values())
 
@@ -131,33 +131,38 @@ def test_plan_runs_the_project_entry_points(tmp_path):
   preset = load_preset("mini")
   plan = Plan(preset, str(tmp_path), str(tmp_path / "data"))
   stages = {s.name: s for s in plan.stages()}
-  uptrain = stages["uptrain-mini-mqa-a0.1-mean-s0"].argv
+  # One uptraining run per conversion and seed, to its largest alpha, saving at every alpha:
+  # MQA by mean at alpha 0.025, 0.05, 0.1 and 0.2 of 1500 pre-training steps.
+  uptrain = stages["uptrain-mini-mqa-mean-s0"].argv
   assert uptrain[1:3] == ["-m", "gqa_flax.train"]
   assert "--gin_file=reproduce/mini/uptrain.gin" in uptrain
-  assert "--gin.TRAIN_STEPS=1100" in uptrain
-  # alpha 0.1 continues the alpha 0.05 run of the same conversion (same MODEL_DIR).
-  assert [a for a in uptrain if "MODEL_DIR" in a] == [
-      a for a in stages["uptrain-mini-mqa-a0.05-mean-s0"].argv if "MODEL_DIR" in a]
+  assert "--gin.TRAIN_STEPS=1800" in uptrain
+  assert "--gin.SaveCheckpointConfig.steps=[1538, 1575, 1650, 1800]" in uptrain
+  assert f'--gin.MODEL_DIR="{tmp_path}/runs/uptrain-mini-mqa-mean-s0"' in uptrain
+  assert "--gin.TRAIN_STEPS=1575" in stages["uptrain-mini-gqa4-first-s0"].argv
   names = list(stages)
-  assert names.index("uptrain-mini-mqa-a0.05-mean-s0") < names.index(
-      "uptrain-mini-mqa-a0.1-mean-s0")
+  assert len([n for n in names if n.startswith("uptrain-")]) == 9 * 3
   assert stages["convert-mini-mqa-random-s0"].argv[1:3] == ["-m", "gqa_flax.convert"]
   assert "--method=random" in stages["convert-mini-mqa-random-s0"].argv
-  # alpha 0 fine-tunes the converted checkpoint; MHA the pre-trained one.
-  finetune = stages["finetune-mini-gqa2-a0-mean-s0-gqa_mini_title"].argv
-  assert f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/runs/convert-mini-gqa2-mean/checkpoint_1000"' \
-      in finetune
-  assert "--gin.TRAIN_STEPS=1100" in finetune
-  assert len(preset.variants) == 9 and len(preset.table_variants) == 3
+  # Fine-tuning: Table 1's variants only (MHA from the pre-trained checkpoint), per seed.
+  finetune = stages["finetune-mini-gqa2-a0.05-mean-s0-gqa_mini_title"].argv
+  assert (f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/runs/uptrain-mini-gqa2-mean-s0/'
+          'checkpoint_1575"') in finetune
+  assert "--gin.TRAIN_STEPS=1675" in finetune
+  assert (f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/runs/pretrain-mini/checkpoint_1500"'
+          in stages["finetune-mini-mha-s1-gqa_mini_ende"].argv)
+  assert len([n for n in names if n.startswith("finetune-")]) == 3 * 3 * 2
+  assert {"pretrain-mini", "pretrain-micro"} <= set(names)
+  assert len(preset.variants) == 17 and len(preset.table_variants) == 3
   # The held-out losses: every conversion right after it (alpha 0) and every uptrained run.
   heldout = stages["heldout"].argv
   assert heldout[1:3] == ["-m", "gqa_flax.reproduce.heldout"]
   assert (f"--score=heldout/mini-mqa-a0-mean/s0={tmp_path}/runs/convert-mini-mqa-mean/"
-          "checkpoint_1000") in heldout
-  assert (f"--score=heldout/mini-mqa-a0.05-mean/s0={tmp_path}/runs/uptrain-mini-mqa-mean-s0/"
-          "checkpoint_1050") in heldout
-  assert f"--score=heldout/mini-mha/s0={tmp_path}/runs/pretrain-mini/checkpoint_1000" in heldout
-  assert names.index("heldout") > names.index("uptrain-mini-mqa-a0.1-mean-s0")
+          "checkpoint_1500") in heldout
+  assert (f"--score=heldout/mini-mqa-a0.025-mean/s2={tmp_path}/runs/uptrain-mini-mqa-mean-s2/"
+          "checkpoint_1538") in heldout
+  assert f"--score=heldout/micro-mha/s0={tmp_path}/runs/pretrain-micro/checkpoint_1500" in heldout
+  assert names.index("heldout") > max(i for i, n in enumerate(names) if n.startswith("uptrain"))
   for stage in stages.values():
     for arg in stage.argv:
       if arg.startswith("--gin_file=") or (arg.startswith("--eval=")):
@@ -172,21 +177,21 @@ def test_every_run_after_pretraining_takes_each_seed(tmp_path):
   plan = Plan(load_preset("mini", ["Preset.seeds = [3, 7]"]), str(tmp_path), None)
   stages = {s.name: s for s in plan.stages()}
   names = list(stages)
-  assert len([n for n in names if n.startswith("pretrain-")]) == 1
+  assert len([n for n in names if n.startswith("pretrain-")]) == 2
   assert "convert-mini-mqa-mean" in stages and not any(
       n.startswith("convert-mini-mqa-mean-s") for n in names)
   assert "--seed=3" not in stages["convert-mini-mqa-mean"].argv
   for seed in (3, 7):
     assert f"--seed={seed}" in stages[f"convert-mini-mqa-random-s{seed}"].argv
-    uptrain = stages[f"uptrain-mini-mqa-a0.05-random-s{seed}"].argv
+    uptrain = stages[f"uptrain-mini-mqa-random-s{seed}"].argv
     assert f"--gin.RANDOM_SEED={seed}" in uptrain
     assert (f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/runs/convert-mini-mqa-random-s{seed}/'
-            'checkpoint_1000"') in uptrain
+            'checkpoint_1500"') in uptrain
     finetune = stages[f"finetune-mini-mha-s{seed}-gqa_mini_ende"].argv
     assert f"--gin.RANDOM_SEED={seed}" in finetune
     assert f'--gin.MODEL_DIR="{tmp_path}/runs/finetune-mini-mha-s{seed}-gqa_mini_ende"' in finetune
   assert not any("RANDOM_SEED" in a for a in stages["pretrain-mini"].argv)
-  assert len([n for n in names if n.startswith("finetune-")]) == 2 * 9 * 2
+  assert len([n for n in names if n.startswith("finetune-")]) == 2 * 3 * 2
   evals = [a for a in stages["evaluate"].argv if a.startswith("--eval=mini-mqa-a0.05-mean-s")]
   assert [a.split(":")[0] for a in evals] == ["--eval=mini-mqa-a0.05-mean-s3"] * 2 + [
       "--eval=mini-mqa-a0.05-mean-s7"] * 2
@@ -195,8 +200,16 @@ def test_every_run_after_pretraining_takes_each_seed(tmp_path):
   assert checkpoints["heldout/mini-mqa-a0-mean/s3"] == checkpoints["heldout/mini-mqa-a0-mean/s7"]
   assert checkpoints["heldout/mini-mqa-a0-random/s3"] != checkpoints[
       "heldout/mini-mqa-a0-random/s7"]
-  # MHA; MQA and GQA-2 by mean at alpha 0, 0.05, 0.1; MQA by first and random at 0, 0.05.
-  assert len(checkpoints) == 2 * len(plan.heldout_variants()) == 2 * 11
+  # MHA of mini and micro; 9 conversions at alpha 0 and 0.05; MQA and GQA-2 by mean at
+  # 0.025, 0.1 and 0.2.
+  assert len(checkpoints) == 2 * len(plan.heldout_variants()) == 2 * (2 + 9 * 2 + 6)
+
+
+def test_finetune_variants_must_be_variants_and_hold_the_table():
+  with pytest.raises(errors.UserError, match="finetune_variants .*are not in variants"):
+    load_preset("mini", ["Preset.finetune_variants = [('mini', 8, 0.05, 'mean')]"])
+  with pytest.raises(errors.UserError, match="table_variants .*are not fine-tuned"):
+    load_preset("mini", ["Preset.finetune_variants = [('mini', None, 0.0, 'mean')]"])
 
 
 def _two_seed_records(plan: Plan) -> dict:
@@ -338,10 +351,9 @@ def test_bad_input_is_one_line_and_nonzero(args, message, capsys):
   assert message in err and len(err.splitlines()) == 1
 
 
-def test_the_mini_preset_measures_what_every_claim_but_c6_needs(tmp_path):
-  """`make reproduce` decides C1-C5: its held-out stage and the key/value-bound Figure 6 give
-  every measurement they need (C6 needs a second, smaller model, which the mini preset does
-  not train)."""
+def test_the_mini_preset_measures_what_every_claim_needs(tmp_path):
+  """`make reproduce` decides C1-C6: its held-out stage (the smaller micro model included) and
+  the key/value-bound Figure 6 give every measurement they need."""
   preset = load_preset("mini")
   plan = Plan(preset, str(tmp_path), str(tmp_path / "data"))
   assert "fig6-timing-kv-bound" in [stage.name for stage in plan.stages()]
@@ -349,4 +361,4 @@ def test_the_mini_preset_measures_what_every_claim_but_c6_needs(tmp_path):
       claims.timing(g, kv_bound=True) for g in preset.fig6["groups"]}
   missing = {claim.id: [name for name in claim.needs if name not in measured]
              for claim in claims.preset_claims(preset)}
-  assert {claim for claim, names in missing.items() if names} == {"C6"}, missing
+  assert not any(missing.values()), missing

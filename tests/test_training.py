@@ -30,7 +30,7 @@ BINDINGS = [f"MIXTURE_OR_TASK_NAME = '{training_task.TASK_NAME}'",
             f"t5_1_1_config.vocab_size = {training_task.VOCAB_SIZE}",
             "t5_1_1_config.num_encoder_layers = 1", "t5_1_1_config.num_decoder_layers = 1",
             "create_learning_rate_scheduler.warmup_steps = 10", "train.stats_period = 1",
-            "SaveCheckpointConfig.period = 4"]
+            "SaveCheckpointConfig.period = 4", "SaveCheckpointConfig.steps = [6, 39]"]
 STEPS = 40
 
 
@@ -79,6 +79,9 @@ def test_tiny_run_lowers_loss_and_logs(uninterrupted):
   assert os.path.isfile(os.path.join(model_dir, "config.gin"))
   assert "TASK_FEATURE_LENGTHS" in open(os.path.join(model_dir, "config.gin")).read()
   assert os.listdir(os.path.join(model_dir, "train"))  # TensorBoard event file
+  # Saved every `period` steps, at `steps` and at the end; not at the first step.
+  saved = sorted(int(n[11:]) for n in os.listdir(model_dir) if n.startswith("checkpoint_"))
+  assert saved == sorted(list(range(4, STEPS + 1, 4)) + [6, 39])
 
 
 @pytest.mark.slow

@@ -61,6 +61,8 @@ class Preset:
   tasks: seqio task name -> gin file setting MIXTURE_OR_TASK_NAME and TASK_FEATURE_LENGTHS.
   bindings: extra gin bindings of every training run (e.g. shrinking a smoke run).
   variants: (model, kv_heads, alpha, method) tuples; Table 1's rows are `table_variants`.
+  finetune_variants: the variants fine-tuned on `tasks` and decoded (the table's rows);
+    empty: every variant. The others are measured by their held-out loss only (the sweeps).
   prepare: options of `gqa_flax.data.prepare --mini` ({} prepares nothing).
   eval_examples, eval_batch_size: test examples scored per task, decoding batch.
   heldout_task_gin, heldout_examples, heldout_batch_size: the held-out loss stage (the claims'
@@ -99,6 +101,7 @@ class Preset:
   heldout_examples: int = 0
   heldout_batch_size: int = 8
   seeds: Sequence[int] = (0,)
+  finetune_variants: Sequence[Tuple] = ()
   fig6_kv_bound: Dict[str, object] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
@@ -118,11 +121,16 @@ class Preset:
                                f"use one of {', '.join(METHODS)}")
       if v.alpha < 0:
         raise errors.UserError(f"preset {self.name}: variant {v.key} has negative alpha {v.alpha}")
+    finetuned = tuple(Variant(*v) for v in self.finetune_variants) or parsed
     table = tuple(Variant(*v) for v in self.table_variants)
-    missing = [v.key for v in table if v not in parsed]
-    if missing:
-      raise errors.UserError(f"preset {self.name}: table_variants {missing} are not in variants")
+    for field, chosen, among in (("finetune_variants", finetuned, parsed),
+                                 ("table_variants", table, finetuned)):
+      missing = [v.key for v in chosen if v not in among]
+      if missing:
+        raise errors.UserError(f"preset {self.name}: {field} {missing} are not "
+                               f"{'fine-tuned' if among is finetuned else 'in variants'}")
     object.__setattr__(self, "variants", parsed)
+    object.__setattr__(self, "finetune_variants", finetuned)
     object.__setattr__(self, "table_variants", table)
 
   def uptrain_steps(self, variant: Variant) -> int:

@@ -3,10 +3,12 @@
   prepare                        python -m gqa_flax.data.prepare --mini   (mini corpora only)
   pretrain-MODEL                 python -m gqa_flax.train  (models without a checkpoint)
   convert-MODEL-ATTN-METHOD      python -m gqa_flax.convert (`random`: one per seed, -sSEED)
-  uptrain-VARIANT-sSEED          python -m gqa_flax.train  (runs/uptrain.gin; alpha > 0)
+  uptrain-MODEL-ATTN-METHOD-sSEED  python -m gqa_flax.train  (runs/uptrain.gin; one run per
+                                 conversion and seed, saving at every variant's alpha > 0)
   heldout                        python -m gqa_flax.reproduce.heldout (every variant's held-out
                                  loss after conversion and uptraining; the claims' measure)
-  finetune-VARIANT-sSEED-TASK    python -m gqa_flax.train  (runs/finetune.gin + task gin)
+  finetune-VARIANT-sSEED-TASK    python -m gqa_flax.train  (runs/finetune.gin + task gin; the
+                                 preset's finetune_variants)
   evaluate                       python -m gqa_flax.reproduce.evaluate (gqa-eval's evaluate() on
                                  every variant's test splits, and decode timing)
   fig6-timing                    python -m gqa_flax.reproduce.timing
@@ -16,16 +18,16 @@
 Pre-training is not repeated per seed (the paper starts from one public checkpoint); every run
 after it takes the seed (`Preset.seeds`): `--gin.RANDOM_SEED` (data order, dropout) and the
 `random` conversion's `--seed`. Mean and first pooling are deterministic: one conversion
-serves every seed. Uptraining runs of one conversion and seed share a MODEL_DIR: alpha 0.1
-resumes the alpha 0.05 run's last checkpoint (with its optimizer state and data position),
-which is the same run as an uninterrupted alpha 0.1 one; the alpha 0.05 checkpoint stays for
-its fine-tuning.
+serves every seed. A conversion is uptrained once per seed, up to the largest alpha of its
+variants, saving a checkpoint at every variant's alpha (one process, one compilation; alpha
+0.05 is the first 5% of the alpha 0.1 run, as the paper's continued pre-training is).
 """
 import dataclasses
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from gqa_flax import compilation_cache
 from gqa_flax.reproduce.presets import Preset, Variant
 
 
@@ -130,9 +132,8 @@ class Plan:
         mha = Variant(model, None, 0.0, "mean")
         add(Stage(f"pretrain-{model}", self._train(mha, p.pretrain_gin, f"pretrain-{model}",
                                                    p.pretrain_steps, None)))
-    # Uptraining by increasing alpha, so that larger alphas resume smaller ones' runs.
     for seed in p.seeds:
-      for v in sorted(p.variants, key=lambda v: v.alpha):
+      for v in p.variants:
         if v.kv_heads is None:
           continue
         convert = self._convert_run(v, seed)
@@ -141,14 +142,13 @@ class Plan:
             f"--dst={self.run_dir(convert)}", f"--num_kv_heads={v.kv_heads}",
             f"--method={v.method}", *([f"--seed={seed}"] if v.method == "random" else []),
             "--overwrite")))
-        if p.uptrain_steps(v):
-          add(Stage(f"uptrain-{seeded(v, seed)}", self._train(
-              v, p.uptrain_gin, self._uptrain_run(v, seed), self.start_step(v),
-              self._step_dir(convert, p.pretrain_steps), seed=seed)))
+        uptrain = self._uptrain_run(v, seed)
+        if p.uptrain_steps(v) and uptrain not in stages:
+          add(self._uptrain_stage(v, seed, self._step_dir(convert, p.pretrain_steps)))
     if p.heldout_examples:
       add(self._heldout_stage())
     for seed in p.seeds:
-      for v in p.variants:
+      for v in p.finetune_variants:
         for task, task_gin in p.tasks.items():
           run = self.finetune_run(v, seed, task)
           add(Stage(run, self._train(v, p.finetune_gin, run, self.start_step(v) + p.finetune_steps,
@@ -159,7 +159,8 @@ class Plan:
         f"--num_examples={p.eval_examples}", f"--batch_size={p.eval_batch_size}",
         f"--repeats={p.timing_repeats}", f"--num_partitions={p.decode_partitions}",
         *(f"--eval={seeded(v, s)}:{task_gin}={self.run_dir(self.finetune_run(v, s, task))}"
-          for s in p.seeds for v in p.variants for task, task_gin in p.tasks.items())),
+          for s in p.seeds for v in p.finetune_variants
+          for task, task_gin in p.tasks.items())),
         os.path.join(evaluate, "result.json")))
     add(self._timing_stage("fig6-timing", f"--checkpoint={self.pretrained(p.fig6['model'])}",
                            p.fig6))
@@ -179,6 +180,16 @@ class Plan:
         f"--targets={shape['targets']}", f"--batch_size={shape['batch']}",
         f"--repeats={p.timing_repeats}", f"--num_partitions={p.decode_partitions}",
         f"--output={result}"), result)
+
+  def _uptrain_stage(self, v: Variant, seed: int, converted: str) -> Stage:
+    """One run per conversion and seed up to its largest alpha, saving at every alpha's step
+    (the checkpoints its variants fine-tune from)."""
+    ends = sorted({self.start_step(w) for w in self.preset.variants
+                   if w.kv_heads is not None and self.preset.uptrain_steps(w)
+                   and self._uptrain_run(w, seed) == self._uptrain_run(v, seed)})
+    run = self._uptrain_run(v, seed)
+    return Stage(run, self._train(v, self.preset.uptrain_gin, run, ends[-1], converted,
+                                  seed=seed) + [f"--gin.SaveCheckpointConfig.steps={ends}"])
 
   def heldout_variants(self) -> List[Variant]:
     """Every variant, and every converted variant right after conversion (alpha 0)."""
@@ -205,9 +216,10 @@ class Plan:
           for name, checkpoint in self.heldout_checkpoints().items())), result)
 
   def env(self) -> Dict[str, str]:
-    """The stages' environment: the mini corpus' data dir when this run prepares one, and
-    the TFDS data dir of the paper's tasks."""
-    env = dict(os.environ)
+    """The stages' environment: the mini corpus' data dir when this run prepares one, the
+    TFDS data dir of the paper's tasks, and JAX's compilation cache (unless set already):
+    stages of one shape (every uptraining run of a variant) compile once."""
+    env = {**compilation_cache.environment(), **os.environ}
     if self.data_dir:
       env["GQA_DATA_DIR"] = self.data_dir
     if self.tfds_data_dir:

@@ -44,7 +44,9 @@ _OPTIMIZER_PATH = "state/param_states"
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SaveCheckpointConfig:
-  """period: steps between saves; keep: how many to keep (None: all).
+  """period: steps between saves; steps: further steps to save at (e.g. every uptraining
+  proportion alpha of one run); keep: how many to keep (None: all). A run also saves its last
+  step; unlike Orbax's default it does not save its first.
 
   With `metric_name_to_monitor` (e.g. 'inference_eval/gqa_cnn_dailymail/rouge1', see
   `evaluation.inference_metric_name`), the `keep` best checkpoints by that metric are kept
@@ -52,6 +54,7 @@ class SaveCheckpointConfig:
   metrics are kept too.
   """
   period: int = 1000
+  steps: Sequence[int] = ()
   keep: Optional[int] = None
   metric_name_to_monitor: Optional[str] = None
   metric_mode: str = "max"
@@ -212,6 +215,16 @@ def restore_from(config: RestoreCheckpointConfig, path: str, fresh: TrainState) 
                     params=tree[orbax_format.PARAMS_KEY], param_states=param_states)
 
 
+def _save_policy(save: SaveCheckpointConfig) -> "ocp.checkpoint_managers.SaveDecisionPolicy":
+  """Every `period` steps, at `steps`, and when preempted (Orbax's default without its save
+  of a run's first step)."""
+  policies = ocp.checkpoint_managers
+  return policies.AnySavePolicy([
+      policies.FixedIntervalPolicy(save.period),
+      policies.SpecificStepsPolicy(tuple(save.steps)),
+      policies.PreemptionCheckpointingPolicy()])
+
+
 class Checkpointer:
   """MODEL_DIR's CheckpointManager: async saves every `period` steps, resume from the latest."""
 
@@ -222,7 +235,7 @@ class Checkpointer:
           f"SaveCheckpointConfig.metric_mode={save.metric_mode!r}: use 'max' or 'min'")
     options = ocp.CheckpointManagerOptions(
         step_prefix=orbax_format.STEP_PREFIX, max_to_keep=save.keep,
-        save_interval_steps=save.period, enable_async_checkpointing=True,
+        save_decision_policy=_save_policy(save), enable_async_checkpointing=True,
         best_fn=None if best is None else (lambda metrics: metrics[best]),
         best_mode=save.metric_mode, keep_checkpoints_without_metrics=True,
         create=False)  # the caller creates MODEL_DIR once the run's settings are checked
