@@ -11,7 +11,8 @@ import pytest
 from gqa_flax import checkpoints, errors
 from gqa_flax.checkpoints.convert import kv_head_similarity
 from gqa_flax.checkpoints.reader import open_checkpoint
-from gqa_flax.reproduce import claims, cli, figures, report, statistics, timing
+from gqa_flax.reproduce import (baselines, claims, cli, evaluate, figures, report, statistics,
+                                timing)
 from gqa_flax.reproduce.presets import Variant, load_preset
 from gqa_flax.reproduce.stages import Plan
 from tests.test_convert import T5X_TINY
@@ -248,6 +249,19 @@ def test_table_rows_combine_the_seeds_and_carry_the_held_out_interval(tmp_path):
       for step in range(10, 90, 10)))
   fixture = checkpoints.load_checkpoint(T5X_TINY)  # the pre-trained model: the real T5X one
   checkpoints.save(str(run), 40, fixture.params, fixture.config)
+  # MQA's scored test examples, as the evaluate stage writes them (gqa-eval's predictions).
+  abstracts = ["gene expression in the mouse liver after a high fat diet was measured here",
+               "a randomized trial of aspirin for stroke prevention in older adults was run"]
+  titles = ["gene expression in mouse liver", "aspirin for stroke prevention"]
+  mqa_variant = plan.preset.variants[1]
+  for seed, guesses in ((0, ["gene expression", "a trial"]), (1, ["mouse liver", "aspirin"])):
+    out = evaluate.run_output_dir(plan.stage_dir("evaluate"), f"{mqa_variant.key}-s{seed}",
+                                  plan.run_dir(plan.finetune_run(mqa_variant, seed,
+                                                                 "gqa_mini_title")))
+    os.makedirs(out)
+    with open(os.path.join(out, "gqa_mini_title-predictions.jsonl"), "w") as f:
+      for abstract, title, guess in zip(abstracts, titles, guesses):
+        f.write(json.dumps({"inputs": abstract, "targets": title, "prediction": guess}) + "\n")
   table = report.build_table(plan, records, None)
   mqa = table["rows"][1]  # variant 1: MQA, alpha 0.05
   assert mqa["label"] == "MQA-tiny" and mqa["seeds"] == [0, 1]
@@ -265,12 +279,22 @@ def test_table_rows_combine_the_seeds_and_carry_the_held_out_interval(tmp_path):
   test = mqa["test_loss"]["gqa_mini_title"]
   assert test["loss"] == pytest.approx(4.5 + 3.5 / 8)
   assert test["ci95"][0] < test["loss"] < test["ci95"][1]
+  # The margin over the lead baseline, from the seeds' predictions of the same examples.
+  margin = mqa["baselines"]["gqa_mini_title"]
+  model = np.mean([baselines.rouge1_per_example(titles, guesses) for guesses in (
+      ["gene expression", "a trial"], ["mouse liver", "aspirin"])])
+  lead = baselines.rouge1_per_example(titles, [baselines.lead_words(a) for a in abstracts])
+  assert margin["model_score"] == pytest.approx(model)
+  assert margin["margin"] == pytest.approx(model - lead.mean())
+  assert table["rows"][0]["baselines"] == {}  # MHA: no predictions written here
   # Every held-out variant (alpha 0 of each conversion too) is in the table, for Figure 5.
   assert [e["key"] for e in table["heldout"]] == [v.key for v in plan.heldout_variants()]
   markdown = report.to_markdown(table)
   assert "| MQA-tiny | 0.05 | mean | 2.50 (2.00-3.00) |" in markdown
   assert "10.50 (10.00-11.00)" in markdown and "2 x 16" in markdown
   assert f"| MQA-tiny | 0.05 | mean | {test['loss']:.3f} [" in markdown
+  assert (f"| MQA-tiny | gqa_mini_title (rouge1) | the abstract's first 12 words | "
+          f"{lead.mean():.2f} | {model:.2f} | {model - lead.mean():+.2f} [") in markdown
   curve = table["pretraining"]["tiny"]
   assert curve["step"] == list(range(10, 90, 10)) and curve["heldout_step"] == [20, 40, 60, 80]
   assert curve["heldout_loss"] == [7.0, 6.0, 5.0, 4.0]

@@ -78,9 +78,14 @@ def evaluate_task(task_gin: str, model_dir: str, output_dir: str, num_examples: 
           "num_heads": config.num_heads}
 
 
-def evaluate_variant(runs: List[List[str]], output_dir: str, num_examples: int, batch_size: int,
-                     repeats: int, num_partitions: int) -> dict:
-  tasks = [evaluate_task(task_gin, model_dir, os.path.join(output_dir, os.path.basename(model_dir)),
+def run_output_dir(output_dir: str, variant: str, model_dir: str) -> str:
+  """Where gqa-eval writes one fine-tuned run's metrics and `{task}-predictions.jsonl`."""
+  return os.path.join(output_dir, variant, os.path.basename(model_dir))
+
+
+def evaluate_variant(runs: List[List[str]], output_dir: str, variant: str, num_examples: int,
+                     batch_size: int, repeats: int, num_partitions: int) -> dict:
+  tasks = [evaluate_task(task_gin, model_dir, run_output_dir(output_dir, variant, model_dir),
                          num_examples, batch_size, repeats, num_partitions)
            for task_gin, model_dir in runs]
   return {"tasks": {t["task"]: t for t in tasks},
@@ -121,9 +126,8 @@ def main(argv=None) -> int:
       path = epath.Path(args.output_dir) / f"{variant}.json"
       # Every host decodes the same variants: the writer's view of what is done decides.
       if not pod.broadcast(f"evaluate/{variant}/done", path.is_file()):
-        result = evaluate_variant(runs, os.path.join(args.output_dir, variant),
-                                  args.num_examples, args.batch_size, args.repeats,
-                                  args.num_partitions)
+        result = evaluate_variant(runs, args.output_dir, variant, args.num_examples,
+                                  args.batch_size, args.repeats, args.num_partitions)
         if pod.is_writer():
           write_json(str(path), result)
         pod.barrier(f"evaluate/{variant}/written")

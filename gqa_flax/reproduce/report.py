@@ -17,7 +17,8 @@ from etils import epath
 
 from gqa_flax.checkpoints.convert import kv_head_similarity
 from gqa_flax.checkpoints.reader import open_checkpoint
-from gqa_flax.reproduce import claims, statistics
+from gqa_flax.reproduce import baselines, claims, statistics
+from gqa_flax.reproduce.evaluate import run_output_dir
 from gqa_flax.reproduce.presets import Variant
 from gqa_flax.reproduce.stages import Plan, seeded
 from gqa_flax.reproduce.timing import write_json
@@ -75,6 +76,20 @@ def heldout_entries(plan: Plan, measured: Dict[str, np.ndarray]) -> List[dict]:
   return entries
 
 
+def baseline_margins(plan: Plan, v: Variant, metrics: Dict[str, str]) -> Dict[str, dict]:
+  """{task: `baselines.margin`} of a fine-tuned variant over its seeds' scored test examples
+  (the evaluate stage's predictions), for the tasks that have a baseline."""
+  margins = {}
+  for task, metric in metrics.items():
+    files = [os.path.join(run_output_dir(plan.stage_dir("evaluate"), seeded(v, seed),
+                                         plan.run_dir(plan.finetune_run(v, seed, task))),
+                          f"{task}-predictions.jsonl") for seed in plan.preset.seeds]
+    if task in baselines.BASELINES and all(os.path.isfile(f) for f in files):
+      margins[task] = baselines.margin(metric, task, [baselines.read_predictions(f)
+                                                      for f in files])
+  return margins
+
+
 def row(plan: Plan, v: Variant, records: Dict[str, dict], heldout: Dict[str, dict],
         measured: Dict[str, np.ndarray]) -> dict:
   """A variant's measured row: its seeds' runs (`stages.seeded`) combined."""
@@ -99,6 +114,7 @@ def row(plan: Plan, v: Variant, records: Dict[str, dict], heldout: Dict[str, dic
           "test_loss": {task: _mean_interval(measured[claims.test_loss(task, v.key)])
                         for task in tasks if claims.test_loss(task, v.key) in measured},
           "metrics": {task: tasks[task]["metric"] for task in tasks},
+          "baselines": baseline_margins(plan, v, {task: tasks[task]["metric"] for task in tasks}),
           "n_eval_examples": {task: tasks[task]["n_eval_examples"] for task in tasks},
           "in_table1": v in plan.preset.table_variants, "paper_row": paper_row(v),
           "device": results[0]["device"]}
@@ -167,7 +183,7 @@ def build_table(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) 
                              "conversion's seed of every run after pre-training (pre-training: "
                              "RANDOM_SEED=0)",
                     "heldout_examples": p.heldout_examples, "prepare": dict(p.prepare)},
-          "rows": [row(plan, v, records, by_key, measured) for v in p.variants],
+          "rows": [row(plan, v, records, by_key, measured) for v in p.finetune_variants],
           "heldout": heldout, "fig6": fig6,
           "fig6_kv_bound": (records.get("fig6-timing-kv-bound") or {}).get("result"),
           "pretraining": pretrained_models(plan),
@@ -276,6 +292,17 @@ def to_markdown(table: dict) -> str:
                       f" | {r['method'] or '-'} | " + " | ".join(
                           _interval_md(r["test_loss"].get(t)) for t in tasks) + " |"
                       for r in tested]
+  margins = [(r, task, m) for r in rows for task, m in r.get("baselines", {}).items()]
+  if margins:
+    lines += ["", "Does fine-tuning learn the tasks? Each model's score beside a baseline that "
+              "learns nothing, on the same test examples, and the margin (95% bootstrap "
+              "interval over seeds and examples; ROUGE-1 per example, BLEU from summed "
+              "n-gram statistics):", "",
+              "| variant | task (metric) | baseline | baseline score | model score | "
+              "margin [95% CI] |", "|---|---|---|---|---|---|"] + [
+                  f"| {r['label']} | {task} ({m['metric']}) | {m['baseline']} | "
+                  f"{m['baseline_score']:.2f} | {m['model_score']:.2f} | {m['margin']:+.2f} "
+                  f"[{m['ci95'][0]:+.2f}, {m['ci95'][1]:+.2f}] |" for r, task, m in margins]
   lines += _timing_md("Figure 6 timing of the reproduction's model", table["fig6"])
   if table.get("fig6_kv_bound"):
     lines += _timing_md("Figure 6 timing of the key/value-bound shape "
