@@ -245,7 +245,7 @@ def test_large_arrays_stream_in_row_blocks(tmp_path, t5x_tiny, monkeypatch):
 
   source.arrays = {name: dataclasses.replace(array, read=never(name))
                    for name, array in streamed.items()}
-  config, converted = convert_arrays(source, 2, method="mean")
+  config, converted, _ = convert_arrays(source, 2, method="mean")
   orbax_format.save(str(tmp_path / "gqa"), 0, arrays.unflatten(converted), config)
   params = flatten(checkpoints.load(str(tmp_path / "gqa"))[1])
   for name, value in t5x_tiny.items():

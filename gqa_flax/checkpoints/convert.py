@@ -4,9 +4,18 @@ Only the decoder's `self_attention` and `encoder_decoder_attention` key/value ke
 from [emb, H*head_dim] to [emb, G*head_dim]; everything else is copied bit for bit. Groups are
 contiguous (query head h -> group h // (H/G)), as at run time:
 
-  mean    each group's K/V projection is the mean of its heads' projections;
-  first   each group keeps its first head's projection;
-  random  fresh weights from the model's own key/value initializer (seeded per array).
+  mean     each group's K/V projection is the mean of its heads' projections;
+  first    each group keeps its first head's projection;
+  random   fresh weights from the model's own key/value initializer (seeded per array);
+  grouped  mean pooling of groups of alike heads instead of neighbouring ones (AsymGQA,
+           Chen et al. 2024; QCQA, Joshi et al. 2024, for decoder-only models): the heads
+           are first permuted so that each contiguous group holds heads whose key and value
+           kernels are alike (`balanced_groups`), an exact move on the multi-head model when
+           the query, key, value and output projections of a head, and in self-attention
+           its row of the relative position bias, move together. T5.1.1 shares one bias
+           table across the decoder's layers, so self-attention takes one permutation for
+           every layer (from the kernels' similarity summed over layers); cross-attention,
+           which has no bias, one per layer. The permutations are in the metadata.
 
 Streaming: each array is read, converted and written on its own, in row blocks of about
 `arrays.BLOCK_BYTES` where its reader can read blocks (`LazyArray`s written by Orbax through
@@ -45,10 +54,13 @@ from gqa_flax.checkpoints.reader import CheckpointSource, open_checkpoint
 from gqa_flax.models.attention import MultiHeadDotProductAttention
 from gqa_flax.models.config import T5Config
 
-METHODS = ("mean", "first", "random")
+METHODS = ("mean", "first", "random", "grouped")
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _KV_KERNEL = re.compile(
     r"decoder/layers_\d+/(self_attention|encoder_decoder_attention)/(key|value)/kernel")
+_ATTENTION_KERNEL = re.compile(
+    r"decoder/layers_(\d+)/(self_attention|encoder_decoder_attention)/(query|key|value|out)/kernel")
+_DECODER_BIAS = "decoder/relpos_bias/rel_embedding"
 
 
 def _grouped(kernel: np.ndarray, num_kv_heads: int, head_dim: int) -> np.ndarray:
@@ -82,6 +94,73 @@ def random_kv(name: str, config: T5Config, num_kv_heads: int, seed: int) -> np.n
   return np.asarray(params[name.split("/")[-2]]["kernel"])
 
 
+def balanced_groups(similarity: np.ndarray, num_groups: int) -> np.ndarray:
+  """A permutation [H] of the heads whose contiguous blocks of H/G heads are groups of alike
+  heads, from their [H, H] `similarity`: greedily, the most alike pair of heads not yet
+  grouped starts a group, which takes the head most alike its members on average until it
+  has H/G. Identity when each group is one head."""
+  heads = len(similarity)
+  size = heads // num_groups
+  if size == 1:
+    return np.arange(heads)
+  left, order = set(range(heads)), []
+  while left:
+    pairs = [(similarity[a, b], -a, -b) for a in left for b in left if a < b]
+    _, a, b = max(pairs)
+    group = [-a, -b]
+    while len(group) < size:
+      group.append(max(left - set(group), key=lambda h: (similarity[h, group].mean(), -h)))
+    order += group
+    left -= set(group)
+  return np.asarray(order)
+
+
+def _kv_similarity(source: CheckpointSource, layer: str, kind: str) -> np.ndarray:
+  """[H, H]: the cosine similarity of the heads' key kernels plus that of their values."""
+  return sum(kv_head_cosines(np.asarray(source.arrays[f"{layer}/{kind}/{kv}/kernel"].read()),
+                             source.config.head_dim) for kv in ("key", "value"))
+
+
+def head_permutations(source: CheckpointSource, num_kv_heads: int,
+                      cross_num_kv_heads: int) -> Dict[str, np.ndarray]:
+  """{'self_attention': one permutation for every decoder layer (their shared relative
+  position bias moves with it), 'encoder_decoder_attention/<layer>': one per layer}."""
+  layers = [f"decoder/layers_{i}" for i in range(source.config.num_decoder_layers)]
+  permutations = {"self_attention": balanced_groups(
+      sum(_kv_similarity(source, layer, "self_attention") for layer in layers), num_kv_heads)}
+  for i, layer in enumerate(layers):
+    permutations[f"encoder_decoder_attention/{i}"] = balanced_groups(
+        _kv_similarity(source, layer, "encoder_decoder_attention"), cross_num_kv_heads)
+  return permutations
+
+
+def permute_heads(name: str, array: LazyArray, permutation: np.ndarray,
+                  head_dim: int) -> LazyArray:
+  """`array` with its heads in the order `permutation`: the column blocks of a query, key or
+  value kernel [emb, H*head_dim] (row by row), the row blocks of an output kernel
+  [H*head_dim, emb] or the rows of a bias table [H, buckets] (read whole)."""
+  heads = len(permutation)
+  if name.endswith("/out/kernel") or name == _DECODER_BIAS:
+    rows = 1 if name == _DECODER_BIAS else head_dim
+    return LazyArray(array.shape, array.dtype, lambda: np.ascontiguousarray(
+        array.read().reshape(heads, rows, -1)[permutation]).reshape(array.shape))
+  return mapped(array, lambda kernel: np.ascontiguousarray(
+      kernel.reshape(len(kernel), heads, head_dim)[:, permutation]).reshape(kernel.shape))
+
+
+def _permuted(source: CheckpointSource, permutations: Dict[str, np.ndarray]
+              ) -> Dict[str, LazyArray]:
+  """The source's arrays with the decoder's attention heads permuted (`head_permutations`)."""
+  arrays = dict(source.arrays)
+  for name, array in source.arrays.items():
+    match = _ATTENTION_KERNEL.fullmatch(name)
+    if match or name == _DECODER_BIAS:
+      kind = "self_attention" if name == _DECODER_BIAS or match.group(2) == "self_attention" \
+          else f"encoder_decoder_attention/{match.group(1)}"
+      arrays[name] = permute_heads(name, array, permutations[kind], source.config.head_dim)
+  return arrays
+
+
 def _converted(name: str, array: LazyArray, config: T5Config, num_kv_heads: int, method: str,
                seed: int) -> LazyArray:
   """The LazyArray of the GQA kernel made from the multi-head kernel `array`."""
@@ -94,7 +173,7 @@ def _converted(name: str, array: LazyArray, config: T5Config, num_kv_heads: int,
   if method == "random":
     return LazyArray(shape, array.dtype,
                      lambda: random_kv(name, config, num_kv_heads, seed).astype(array.dtype))
-  pool = mean_pool_kv if method == "mean" else first_head_kv
+  pool = first_head_kv if method == "first" else mean_pool_kv
   return mapped(array, lambda kernel: pool(kernel, num_kv_heads, config.head_dim), shape)
 
 
@@ -108,21 +187,30 @@ def _cast(array: LazyArray, dtype: Optional[np.dtype]) -> LazyArray:
 def convert_arrays(source: CheckpointSource, num_kv_heads: int,
                    cross_num_kv_heads: Optional[int] = None, method: str = "mean", seed: int = 0,
                    dtype: Optional[str] = None):
-  """(GQA T5Config, {name: LazyArray}) of `source` converted; nothing is read yet."""
+  """(GQA T5Config, {name: LazyArray}, head permutations of `grouped` or {}) of `source`
+  converted; nothing is read yet but, for `grouped`, the decoder's key/value kernels."""
   if method not in METHODS:
     raise errors.UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
   if dtype is not None and dtype not in DTYPES:
     raise errors.UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
   cross = num_kv_heads if cross_num_kv_heads is None else cross_num_kv_heads
   config = source.config.replace(num_kv_heads=num_kv_heads, cross_num_kv_heads=cross)
+  permutations, sources = {}, source.arrays
+  if method == "grouped":
+    if source.config.num_kv_heads != source.config.num_heads or \
+        source.config.cross_num_kv_heads != source.config.num_heads:
+      raise errors.UserError("--method grouped converts a multi-head checkpoint; this one has "
+                             f"{source.config.attention_name} attention")
+    permutations = head_permutations(source, num_kv_heads, cross)
+    sources = _permuted(source, permutations)
   arrays = {}
-  for name, array in source.arrays.items():
+  for name, array in sources.items():
     match = _KV_KERNEL.fullmatch(name)
     if match:
       groups = num_kv_heads if match.group(1) == "self_attention" else cross
       array = _converted(name, array, source.config, groups, method, seed)
     arrays[name] = _cast(array, DTYPES.get(dtype))
-  return config, arrays
+  return config, arrays, permutations
 
 
 def kv_head_cosines(kernel: np.ndarray, head_dim: int) -> np.ndarray:
@@ -246,11 +334,15 @@ def convert_checkpoint(src: str, dst: str, num_kv_heads: int,
   if (dst_abs + os.sep).startswith(src_abs + os.sep) or (src_abs + os.sep).startswith(dst_abs + os.sep):
     raise errors.UserError(f"DST {dst} overlaps SRC {src}; the source is never modified")
   source = open_checkpoint(src)
-  config, arrays = convert_arrays(source, num_kv_heads, cross_num_kv_heads, method, seed, dtype)
+  config, arrays, permutations = convert_arrays(source, num_kv_heads, cross_num_kv_heads,
+                                                method, seed, dtype)
   step = source.step or 0
   metadata = {"source_path": src_abs, "source_format": source.format, "source_step": source.step,
               "method": method, "num_kv_heads": config.num_kv_heads,
               "cross_num_kv_heads": config.cross_num_kv_heads, "seed": seed}
+  if permutations:
+    metadata["head_permutations"] = {kind: permutation.tolist()
+                                     for kind, permutation in permutations.items()}
   total = sum(array.nbytes for array in arrays.values())
 
   def write(directory):

@@ -7,6 +7,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
+from gqa_flax.checkpoints.convert import METHODS  # noqa: E402  pylint: disable=wrong-import-position
+
 
 def _save(fig, path: str) -> None:
   fig.tight_layout()
@@ -61,8 +63,7 @@ def _method_group(items: List[dict]) -> List[dict]:
     if item["method"] is not None:
       groups.setdefault((item["model"], item["kv_heads"], item["alpha"]), []).append(item)
   best = max(groups.values(), key=len, default=[])
-  order = {"mean": 0, "first": 1, "random": 2}
-  return sorted(best, key=lambda item: order[item["method"]])
+  return sorted(best, key=lambda item: METHODS.index(item["method"]))
 
 
 def fig4(table: dict, path: str) -> None:

@@ -2,7 +2,8 @@
 
 A variant is a tuple (model, kv_heads, alpha, method): `model` names an entry of
 `Preset.models`, kv_heads None keeps multi-head attention, alpha is the uptraining
-proportion of the pre-training steps and method the conversion (mean, first, random).
+proportion of the pre-training steps and method the conversion (`gqa-convert --method`:
+mean, first, random, grouped).
 """
 import dataclasses
 import os
@@ -11,10 +12,10 @@ from typing import Dict, Optional, Sequence, Tuple
 import gin
 
 from gqa_flax import errors
+from gqa_flax.checkpoints.convert import METHODS
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "reproduce")
-METHODS = ("mean", "first", "random")
 
 
 @dataclasses.dataclass(frozen=True)

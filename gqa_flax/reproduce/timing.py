@@ -54,7 +54,7 @@ def converted_models(checkpoint: str, groups: Sequence[int]) -> Iterator[Tuple[T
   """(config, host params) of the multi-head `checkpoint` mean-pooled to each G in turn."""
   source = open_checkpoint(checkpoint)
   for g in groups:
-    config, arrays = convert_arrays(source, g, method="mean")
+    config, arrays, _ = convert_arrays(source, g, method="mean")
     yield config, unflatten({name: np.asarray(array.read()) for name, array in arrays.items()})
 
 
