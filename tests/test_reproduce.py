@@ -11,8 +11,8 @@ import pytest
 from gqa_flax import checkpoints, errors
 from gqa_flax.checkpoints.convert import kv_head_similarity
 from gqa_flax.checkpoints.reader import open_checkpoint
-from gqa_flax.reproduce import (baselines, claims, cli, evaluate, figures, report, statistics,
-                                timing)
+from gqa_flax.reproduce import (baselines, claims, cli, evaluate, figures, report, runner,
+                                statistics, timing)
 from gqa_flax.reproduce.presets import Variant, load_preset
 from gqa_flax.reproduce.stages import Plan
 from tests.test_convert import T5X_TINY
@@ -386,3 +386,13 @@ def test_the_mini_preset_measures_what_every_claim_needs(tmp_path):
   missing = {claim.id: [name for name in claim.needs if name not in measured]
              for claim in claims.preset_claims(preset)}
   assert not any(missing.values()), missing
+
+
+def test_the_overall_eta_times_each_stage_left_by_its_kind():
+  """Uptraining stages took 60 and 80 s, a conversion 4 s: two uptraining and one conversion
+  stage left take 2 x 70 + 4 s; a fine-tuning stage, whose kind has not run, is counted apart."""
+  done = {"uptrain": [60.0, 80.0], "convert": [4.0]}
+  assert runner.estimate_left(done, ["uptrain-mini-mqa-mean-s1", "convert-mini-mqa-first",
+                                     "uptrain-mini-gqa2-mean-s1", "finetune-mini-mha-s0-t"]) == (
+                                         144.0, 1)
+  assert runner.stage_kind("fig6-timing-kv-bound") == "fig6"

@@ -20,7 +20,7 @@ import os
 import subprocess
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from etils import epath
 
@@ -149,6 +149,25 @@ def _run_stage(plan: Plan, stage: Stage, heartbeat: float, index: int,
   return record or done_record(plan, stage.name)
 
 
+def stage_kind(name: str) -> str:
+  """A stage name's first word: prepare, pretrain, convert, uptrain, finetune, fig6, ..."""
+  return name.split("-")[0]
+
+
+def estimate_left(seconds_by_kind: Dict[str, List[float]], left: List[str]) -> Tuple[float, int]:
+  """(seconds, untimed): what the stages named `left` should take at the mean time of this
+  invocation's finished stages of their kind, and how many are of a kind none finished yet
+  (not counted: a pre-training and a conversion stage differ a hundredfold)."""
+  seconds, untimed = 0.0, 0
+  for name in left:
+    times = seconds_by_kind.get(stage_kind(name))
+    if times:
+      seconds += sum(times) / len(times)
+    else:
+      untimed += 1
+  return seconds, untimed
+
+
 def run_all(plan: Plan, heartbeat: float = 30.0, pod_flags: Optional[dict] = None
             ) -> Dict[str, dict]:
   """Runs every stage not done yet; returns stage name -> DONE record. On a pod, call it on
@@ -162,13 +181,16 @@ def run_all(plan: Plan, heartbeat: float = 30.0, pod_flags: Optional[dict] = Non
         f"(logs under {os.path.join(plan.out, 'stages')})", flush=True)
   start = time.time()
   print(stage_view(plan, stages), flush=True)
+  seconds_by_kind: Dict[str, List[float]] = {}
   for i, stage in enumerate(todo, 1):
     print(f"[{i}/{len(todo)}] running {stage.name} ({len(stages) - len(todo) + i - 1} done, "
           f"{len(todo) - i} left after it)", flush=True)
     record = run_stage(plan, stage, heartbeat, stages.index(stage), pod_flags)
-    elapsed = time.time() - start
-    eta = elapsed / i * (len(todo) - i)
+    seconds_by_kind.setdefault(stage_kind(stage.name), []).append(record["seconds"])
+    eta, untimed = estimate_left(seconds_by_kind, [s.name for s in todo[i:]])
     print(f"stage {i}/{len(todo)} {stage.name} done in {_fmt(record['seconds'])}; elapsed "
-          f"{_fmt(elapsed)}, {len(todo) - i} left, ETA ~{_fmt(eta)} (mean stage time)", flush=True)
+          f"{_fmt(time.time() - start)}, {len(todo) - i} left, ETA ~{_fmt(eta)} (each at the "
+          f"mean time of its kind so far{f'; {untimed} of kinds not timed yet' if untimed else ''})",
+          flush=True)
   print(stage_view(plan, stages), flush=True)
   return {s.name: done_record(plan, s.name) for s in stages}
