@@ -231,10 +231,12 @@ def _two_seed_records(plan: Plan) -> dict:
       heldout[f"heldout/{v.key}/s{seed}"] = [2 + i / 10 + e / 100 + shift for e in range(16)]
   points = [{"kv_heads": g, "attention": "x", "t_infer_s": 0.002, "t_infer_repeats_s":
              [0.001, 0.002, 0.004]} for g in (1, 2, 4)]
-  return {"evaluate": {"result": {"variants": variants}},
-          "heldout": {"result": {"losses": heldout}},
+  return {"evaluate": {"result": {"variants": variants}, "seconds": 90.0,
+                       "load_average": [2.5, 2.0, 1.5]},
+          "heldout": {"result": {"losses": heldout}, "seconds": 30.0,
+                      "load_average": [1.5, 1.0, 1.0]},
           "fig6-timing": {"result": {"points": points, "inputs": 64, "targets": 16,
-                                     "batch_size": 4, "repeats": 3}}}
+                                     "batch_size": 4, "repeats": 3}, "seconds": 12.0}}
 
 
 def test_table_rows_combine_the_seeds_and_carry_the_held_out_interval(tmp_path):
@@ -305,6 +307,10 @@ def test_table_rows_combine_the_seeds_and_carry_the_held_out_interval(tmp_path):
   assert curve["kv_head_similarity"] == pytest.approx(similarity)
   assert curve["mean_kv_head_similarity"] == pytest.approx(np.mean(list(similarity.values())))
   assert f"mean pairwise cosine similarity of {curve['mean_kv_head_similarity']:.3f}" in markdown
+  assert table["stage_times"]["heldout"] == {"seconds": 30.0, "finished_at": None,
+                                             "load_average": [1.5, 1.0, 1.0]}
+  assert "| evaluate | 1 | 1.50 | 1.50 |" in markdown and "| fig6 | 1 | 0.20 | 0.20 |" in markdown
+  assert "Load average (1 min) at the stages' ends: 1.50-2.50, median 2.00." in markdown
   assert report.check_finite(table) == []
   assert [os.path.basename(p) for p in figures.draw_all(table, str(tmp_path))] == [
       "fig3.png", "fig4.png", "fig5.png", "fig6.png", "pretraining.png"]

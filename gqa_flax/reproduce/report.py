@@ -168,6 +168,29 @@ def pretrained_models(plan: Plan) -> Dict[str, dict]:
   return models
 
 
+def stage_times(records: Dict[str, dict]) -> Dict[str, dict]:
+  """{stage: {'seconds', 'finished_at', 'load_average'}}: each stage's wall time, when it
+  ended, and the host's 1/5/15-minute load average then (None if the record predates it)."""
+  return {name: {"seconds": r["seconds"], "finished_at": r.get("finished_at"),
+                 "load_average": r.get("load_average")} for name, r in records.items() if r}
+
+
+def _stage_times_md(times: Dict[str, dict]) -> List[str]:
+  """Wall time per kind of stage (count, total), and the load averages seen."""
+  kinds: Dict[str, List[float]] = {}
+  for name, t in times.items():
+    kinds.setdefault(name.split("-")[0], []).append(t["seconds"])
+  loads = [t["load_average"][0] for t in times.values() if t["load_average"]]
+  lines = ["", "Wall time of the stages (each stage's own in table1.json, `stage_times`):", "",
+           "| stages | count | total (min) | longest (min) |", "|---|---|---|---|"] + [
+               f"| {kind} | {len(s)} | {sum(s) / 60:.2f} | {max(s) / 60:.2f} |"
+               for kind, s in kinds.items()]
+  lines += ["", f"Load average (1 min) at the stages' ends: {min(loads):.2f}-{max(loads):.2f}, "
+            f"median {np.median(loads):.2f}." if loads else
+            "Load average: not recorded by this run's stages."]
+  return lines
+
+
 def build_table(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) -> dict:
   p = plan.preset
   fig6 = records["fig6-timing"]["result"]
@@ -175,6 +198,7 @@ def build_table(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) 
   heldout = heldout_entries(plan, measured)
   by_key = {entry["key"]: entry for entry in heldout}
   return {"preset": p.name, "hardware": hardware(), "stage_seconds": seconds,
+          "stage_times": stage_times(records),
           "setup": {"pretrain_steps": p.pretrain_steps, "finetune_steps": p.finetune_steps,
                     "eval_examples_max": p.eval_examples, "eval_batch_size": p.eval_batch_size,
                     "timing_repeats": p.timing_repeats, "tasks": dict(p.tasks),
@@ -308,6 +332,8 @@ def to_markdown(table: dict) -> str:
     lines += _timing_md("Figure 6 timing of the key/value-bound shape "
                         f"({table['fig6_kv_bound']['source']}, random weights; the claims' "
                         "speed measures)", table["fig6_kv_bound"])
+  if table.get("stage_times"):
+    lines += _stage_times_md(table["stage_times"])
   setup = table["setup"]
   lines += ["", f"Setup: pre-training {setup['pretrain_steps']} steps; uptraining alpha x "
             f"pre-training steps; fine-tuning {setup['finetune_steps']} steps per task; greedy "

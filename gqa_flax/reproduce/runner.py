@@ -143,7 +143,8 @@ def _run_stage(plan: Plan, stage: Stage, heartbeat: float, index: int,
     result = json.loads(epath.Path(stage.result).read_text()) if stage.result else None
     record = {"stage": stage.name, "argv": list(stage.argv),
               "seconds": round(time.time() - start, 1),
-              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
+              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "load_average": [round(x, 2) for x in os.getloadavg()], "result": result}
     write_json(str(directory / DONE), record)
   pod.barrier(f"stage/{stage.name}/done")
   return record or done_record(plan, stage.name)
