@@ -83,6 +83,12 @@ SETTINGS_CASES = {
     "reproduce: unknown binding": (
         "gqa-reproduce", ["--preset", "smoke", "--out", "{tmp}/out", "--gin_bindings",
                           "Preset.eval_exampels=5"], "eval_exampels"),
+    "finetune: the task's TFDS dataset is not prepared": (
+        "gqa-train", ["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/finetune.gin",
+                      "--gin_file=experiments/tasks/cnn_dailymail.gin",
+                      "--gin.MODEL_DIR='{tmp}/run'", "--gin.TRAIN_STEPS=1",
+                      "--gin.INITIAL_CHECKPOINT_PATH='{t5x_tiny}'", "--tfds_data_dir={tmp}/tfds"],
+        "TFDS dataset cnn_dailymail:3.4.0 is not prepared in {tmp}/tfds"),
     "vocabulary flag and gin binding are accepted": (
         "gqa-train", ["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin",
                       "--gqa_vocab_path={tmp}/spm.model",

@@ -71,6 +71,11 @@ class PreparedTfdsDataSource(seqio.TfdsDataSource):
           "pass --tfds_data_dir "
           "(seqio.set_tfds_data_dir_override) naming a directory that has it.")
 
+  @property
+  def splits(self):
+    self._check_prepared()  # seqio's Evaluator asks first; unprepared, TFDS lists none
+    return super().splits
+
   def get_dataset(self, split, *args, **kwargs):
     self._check_prepared()
     return super().get_dataset(split, *args, **kwargs)
