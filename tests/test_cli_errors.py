@@ -89,6 +89,11 @@ SETTINGS_CASES = {
                       "--gin.MODEL_DIR='{tmp}/run'", "--gin.TRAIN_STEPS=1",
                       "--gin.INITIAL_CHECKPOINT_PATH='{t5x_tiny}'", "--tfds_data_dir={tmp}/tfds"],
         "TFDS dataset cnn_dailymail:3.4.0 is not prepared in {tmp}/tfds"),
+    "train: the vocabulary file is missing": (
+        "gqa-train", ["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=reproduce/mini/pretrain.gin",
+                      "--gin.MODEL_DIR='{tmp}/run'", "--gin.TRAIN_STEPS=1",
+                      "--gqa_vocab_path={tmp}/nowhere.model"],
+        "SentencePiece vocabulary not found at {tmp}/nowhere.model; set it with"),
     "vocabulary flag and gin binding are accepted": (
         "gqa-train", ["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin",
                       "--gqa_vocab_path={tmp}/spm.model",

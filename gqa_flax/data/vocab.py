@@ -49,12 +49,19 @@ class LazyPathVocabulary(seqio.SentencePieceVocabulary):
   def sentencepiece_model_file(self):
     return self._sentencepiece_model_file or vocabulary_path() or DEFAULT_VOCAB_PATH
 
+  def check_found(self) -> str:
+    """The model file's path; a local file that is not there raises the one-line
+    MissingPathError (call it before a dataset is built: inside tf.data the error would come
+    wrapped in TensorFlow's traceback)."""
+    path = self.sentencepiece_model_file
+    if "://" not in path and not os.path.isfile(path):
+      raise errors.MissingPathError(
+          f"SentencePiece vocabulary not found at {path}; {_HOW_TO_SET}.")
+    return path
+
   def _model_context(self):
     if self._model is None:
-      path = self.sentencepiece_model_file
-      if "://" not in path and not os.path.isfile(path):
-        raise errors.MissingPathError(
-            f"SentencePiece vocabulary not found at {path}; {_HOW_TO_SET}.")
+      path = self.check_found()
       self._sentencepiece_model_file = path
       try:
         return super()._model_context()

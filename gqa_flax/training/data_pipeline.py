@@ -19,6 +19,7 @@ import seqio
 import tensorflow as tf
 
 from gqa_flax import errors
+from gqa_flax.data import vocab
 from gqa_flax.training.partitioning import DataLayout
 
 
@@ -41,12 +42,16 @@ class DatasetConfig:
     if self.module:
       importlib.import_module(self.module)
     try:
-      return seqio.get_mixture_or_task(self.mixture_or_task_name)
+      task = seqio.get_mixture_or_task(self.mixture_or_task_name)
     except ValueError as e:
       raise errors.UserError(
           f"unknown seqio task or mixture {self.mixture_or_task_name!r}; set "
           "MIXTURE_OR_TASK_NAME to a registered one or DatasetConfig.module to the "
           "module that registers it") from e
+    for feature in task.output_features.values():
+      if isinstance(feature.vocabulary, vocab.LazyPathVocabulary):
+        feature.vocabulary.check_found()
+    return task
 
 
 def _shard_dataset(cfg: DatasetConfig, shard_info: seqio.ShardInfo, batch_size: int,
