@@ -15,7 +15,7 @@ The margin's interval resamples seeds, then examples (`statistics.bootstrap`), r
 both scores from the resampled examples.
 """
 import json
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from rouge_score import rouge_scorer

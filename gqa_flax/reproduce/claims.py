@@ -102,10 +102,10 @@ def preset_claims(preset) -> List[Claim]:
   """C1-C6 for a reproduction preset: its Table 1 GQA variant's model and groups (the largest
   G below the heads among the table's variants, else among all), another model's MHA for C6,
   Figure 6's groups."""
-  gqa = max((v for v in preset.table_variants if v.kv_heads not in (None, 1)),
-            key=lambda v: v.kv_heads, default=None) or max(
-                (v for v in preset.variants if v.kv_heads not in (None, 1)),
-                key=lambda v: v.kv_heads, default=None)
+  is_gqa = lambda v: v.kv_heads not in (None, 1)
+  candidates = [v for v in preset.table_variants if is_gqa(v)] or [
+      v for v in preset.variants if is_gqa(v)]
+  gqa = max(candidates, key=lambda v: v.kv_heads, default=None)
   model = gqa.model if gqa else preset.variants[0].model
   smaller = next((v.model for v in preset.variants
                   if v.kv_heads is None and v.model != model), "smaller")

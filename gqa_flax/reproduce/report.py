@@ -20,8 +20,10 @@ from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.reproduce import baselines, claims, statistics
 from gqa_flax.reproduce.evaluate import run_output_dir
 from gqa_flax.reproduce.presets import Variant
+from gqa_flax.reproduce.runner import stage_kind
 from gqa_flax.reproduce.stages import Plan, seeded
 from gqa_flax.reproduce.timing import write_json
+from gqa_flax.training.evaluation import predictions_file
 
 # Ainslie et al. 2023, Table 1 (TPUv4; dev sets; T_infer in s per sample).
 PAPER_TABLE1 = {
@@ -81,9 +83,9 @@ def baseline_margins(plan: Plan, v: Variant, metrics: Dict[str, str]) -> Dict[st
   (the evaluate stage's predictions), for the tasks that have a baseline."""
   margins = {}
   for task, metric in metrics.items():
-    files = [os.path.join(run_output_dir(plan.stage_dir("evaluate"), seeded(v, seed),
-                                         plan.run_dir(plan.finetune_run(v, seed, task))),
-                          f"{task}-predictions.jsonl") for seed in plan.preset.seeds]
+    files = [predictions_file(run_output_dir(plan.stage_dir("evaluate"), seeded(v, seed),
+                                             plan.run_dir(plan.finetune_run(v, seed, task))),
+                              task) for seed in plan.preset.seeds]
     if task in baselines.BASELINES and all(os.path.isfile(f) for f in files):
       margins[task] = baselines.margin(metric, task, [baselines.read_predictions(f)
                                                       for f in files])
@@ -100,6 +102,7 @@ def row(plan: Plan, v: Variant, records: Dict[str, dict], heldout: Dict[str, dic
   average_by_seed = [float(np.mean([r["tasks"][task]["score"] for task in tasks]))
                      for r in results]
   t_infer_by_seed = [r["t_infer_s"] for r in results]
+  metrics = {task: tasks[task]["metric"] for task in tasks}
   loss = heldout.get(v.key)
   return {"model": v.model, "label": v.label, "attention": v.attention,
           "kv_heads": tasks[next(iter(tasks))]["kv_heads"], "alpha": v.alpha,
@@ -113,8 +116,7 @@ def row(plan: Plan, v: Variant, records: Dict[str, dict], heldout: Dict[str, dic
           "heldout_loss": loss and loss["loss"], "heldout_ci95": loss and loss["ci95"],
           "test_loss": {task: _mean_interval(measured[claims.test_loss(task, v.key)])
                         for task in tasks if claims.test_loss(task, v.key) in measured},
-          "metrics": {task: tasks[task]["metric"] for task in tasks},
-          "baselines": baseline_margins(plan, v, {task: tasks[task]["metric"] for task in tasks}),
+          "metrics": metrics, "baselines": baseline_margins(plan, v, metrics),
           "n_eval_examples": {task: tasks[task]["n_eval_examples"] for task in tasks},
           "in_table1": v in plan.preset.table_variants, "paper_row": paper_row(v),
           "device": results[0]["device"]}
@@ -179,7 +181,7 @@ def _stage_times_md(times: Dict[str, dict]) -> List[str]:
   """Wall time per kind of stage (count, total), and the load averages seen."""
   kinds: Dict[str, List[float]] = {}
   for name, t in times.items():
-    kinds.setdefault(name.split("-")[0], []).append(t["seconds"])
+    kinds.setdefault(stage_kind(name), []).append(t["seconds"])
   loads = [t["load_average"][0] for t in times.values() if t["load_average"]]
   lines = ["", "Wall time of the stages (each stage's own in table1.json, `stage_times`):", "",
            "| stages | count | total (min) | longest (min) |", "|---|---|---|---|"] + [

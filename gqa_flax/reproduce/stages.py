@@ -184,10 +184,10 @@ class Plan:
   def _uptrain_stage(self, v: Variant, seed: int, converted: str) -> Stage:
     """One run per conversion and seed up to its largest alpha, saving at every alpha's step
     (the checkpoints its variants fine-tune from)."""
+    run = self._uptrain_run(v, seed)
     ends = sorted({self.start_step(w) for w in self.preset.variants
                    if w.kv_heads is not None and self.preset.uptrain_steps(w)
-                   and self._uptrain_run(w, seed) == self._uptrain_run(v, seed)})
-    run = self._uptrain_run(v, seed)
+                   and self._uptrain_run(w, seed) == run})
     return Stage(run, self._train(v, self.preset.uptrain_gin, run, ends[-1], converted,
                                   seed=seed) + [f"--gin.SaveCheckpointConfig.steps={ends}"])
 

@@ -21,6 +21,7 @@ names).
 import functools
 import json
 import logging
+import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import gin
@@ -81,13 +82,18 @@ def per_example_losses(predictor: Predictor, cfg: DatasetConfig, num_examples: i
   return np.concatenate(losses), np.concatenate(tokens)
 
 
+def predictions_file(output_dir: str, task: str) -> str:
+  """Where gqa-eval (PredictionsLogger) writes a task's scored examples."""
+  return os.path.join(output_dir, f"{task}-predictions.jsonl")
+
+
 class PredictionsLogger(seqio.Logger):
   """seqio logger writing `output_dir/{task}-predictions.jsonl`: one line per example with its
   'inputs' text, postprocessed 'targets' and 'prediction'."""
 
   def __call__(self, task_name, step, metrics, dataset, inferences, targets) -> None:
     del step, metrics
-    path = epath.Path(self.output_dir) / f"{task_name}-predictions.jsonl"
+    path = epath.Path(predictions_file(self.output_dir, task_name))
     examples = dataset.as_numpy_iterator()
     with path.open("w") as f:
       for example, target, prediction in zip(examples, targets, inferences["prediction"]):
