@@ -1,10 +1,11 @@
-"""Runs a plan's stages in order as subprocesses; resumable, on one host or on every host of a pod.
+"""Runs a plan's stages in order as processes; resumable, on one host or on every host of a pod.
 
 A stage is done when OUT/stages/NAME/DONE.json exists: it is written atomically after the
 command exits 0 and holds the command, its seconds and its result file's contents. Done
 stages are skipped; a failed or interrupted stage has no DONE.json and runs again (training
 resumes from its run's latest checkpoint). Each stage's output goes to OUT/stages/NAME/log.txt;
-its last line is echoed every `heartbeat` seconds.
+its last line is echoed every `heartbeat` seconds. Stage commands (`python -m MODULE ...`) are
+forked from a server that imported the libraries once (`forkserver.py`).
 
 On a pod (the runner joined with `pod.initialize`) every host runs this with the same plan:
 process 0 decides which stages are left and broadcasts the list; every host runs each stage
@@ -18,6 +19,7 @@ every host resumes.
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
@@ -25,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 from etils import epath
 
 from gqa_flax import pod
+from gqa_flax.reproduce.forkserver import ForkServer
 from gqa_flax.reproduce.stages import Plan, Stage
 from gqa_flax.reproduce.timing import write_json
 
@@ -77,7 +80,7 @@ def _stage_argv(stage: Stage, index: int, pod_flags: Optional[dict]) -> List[str
                                         pod_flags["process_count"], pod_flags["process_index"])
 
 
-_running: List[subprocess.Popen] = []  # the stage command now running on this host
+_running: list = []  # the stage command now running on this host
 
 
 def _kill_running() -> None:
@@ -86,46 +89,48 @@ def _kill_running() -> None:
     process.kill()
 
 
-def _run_command(argv: List[str], log: str, env: Dict[str, str], name: str,
+def _run_command(server: ForkServer, argv: List[str], log: str, name: str,
                  heartbeat: float) -> int:
-  """Runs `argv` with its output in the local file `log`; echoes progress every heartbeat."""
+  """Runs `argv` (python -m MODULE ...) with its output in the local file `log`; echoes
+  progress every heartbeat."""
   start = time.time()
   with open(log, "w") as out:
     out.write(" ".join(argv) + "\n")
-    out.flush()
-    process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    _running.append(process)
-    try:
-      while True:
-        try:
-          return process.wait(timeout=heartbeat)
-        except subprocess.TimeoutExpired:
-          if pod.is_writer():
-            print(f"    {name} {_fmt(time.time() - start)}: {_last_line(log)[:150]}",
-                  flush=True)
-    except BaseException:
-      process.kill()
-      raise
-    finally:
-      _running.remove(process)
+  if argv[:2] != [sys.executable, "-m"]:
+    raise ValueError(f"a stage command is `python -m MODULE ...`, not {argv[:3]}")
+  process = server.start(argv[2:], log)
+  _running.append(process)
+  try:
+    while True:
+      try:
+        return process.wait(timeout=heartbeat)
+      except subprocess.TimeoutExpired:
+        if pod.is_writer():
+          print(f"    {name} {_fmt(time.time() - start)}: {_last_line(log)[:150]}", flush=True)
+  except BaseException:
+    process.kill()
+    raise
+  finally:
+    _running.remove(process)
 
 
-def run_stage(plan: Plan, stage: Stage, heartbeat: float, index: int = 0,
+def run_stage(plan: Plan, server: ForkServer, stage: Stage, heartbeat: float, index: int = 0,
               pod_flags: Optional[dict] = None) -> dict:
   """Runs `stage`'s command (on every host of a pod); writes and returns its DONE record;
   raises StageError on every host when it failed on any."""
   with tempfile.TemporaryDirectory(prefix="gqa_reproduce_") as local_dir:
-    return _run_stage(plan, stage, heartbeat, index, pod_flags, os.path.join(local_dir, LOG))
+    return _run_stage(plan, server, stage, heartbeat, index, pod_flags,
+                      os.path.join(local_dir, LOG))
 
 
-def _run_stage(plan: Plan, stage: Stage, heartbeat: float, index: int,
+def _run_stage(plan: Plan, server: ForkServer, stage: Stage, heartbeat: float, index: int,
                pod_flags: Optional[dict], local_log: str) -> dict:
   """`run_stage` with this host's log in the temporary file `local_log`."""
   directory = epath.Path(plan.stage_dir(stage.name))
   start = time.time()
   code = 0
   if pod.is_writer() or not stage.writer_only:
-    code = _run_command(_stage_argv(stage, index, pod_flags), local_log, plan.env(), stage.name,
+    code = _run_command(server, _stage_argv(stage, index, pod_flags), local_log, stage.name,
                         heartbeat)
   codes = pod.gather(f"stage/{stage.name}/code", code)
   log = directory / LOG
@@ -182,16 +187,21 @@ def run_all(plan: Plan, heartbeat: float = 30.0, pod_flags: Optional[dict] = Non
         f"(logs under {os.path.join(plan.out, 'stages')})", flush=True)
   start = time.time()
   print(stage_view(plan, stages), flush=True)
-  seconds_by_kind: Dict[str, List[float]] = {}
-  for i, stage in enumerate(todo, 1):
-    print(f"[{i}/{len(todo)}] running {stage.name} ({len(stages) - len(todo) + i - 1} done, "
-          f"{len(todo) - i} left after it)", flush=True)
-    record = run_stage(plan, stage, heartbeat, stages.index(stage), pod_flags)
-    seconds_by_kind.setdefault(stage_kind(stage.name), []).append(record["seconds"])
-    eta, untimed = estimate_left(seconds_by_kind, [s.name for s in todo[i:]])
-    print(f"stage {i}/{len(todo)} {stage.name} done in {_fmt(record['seconds'])}; elapsed "
-          f"{_fmt(time.time() - start)}, {len(todo) - i} left, ETA ~{_fmt(eta)} (each at the "
-          f"mean time of its kind so far{f'; {untimed} of kinds not timed yet' if untimed else ''})",
-          flush=True)
+  server = ForkServer(plan.env()) if todo else None
+  try:
+    seconds_by_kind: Dict[str, List[float]] = {}
+    for i, stage in enumerate(todo, 1):
+      print(f"[{i}/{len(todo)}] running {stage.name} ({len(stages) - len(todo) + i - 1} done, "
+            f"{len(todo) - i} left after it)", flush=True)
+      record = run_stage(plan, server, stage, heartbeat, stages.index(stage), pod_flags)
+      seconds_by_kind.setdefault(stage_kind(stage.name), []).append(record["seconds"])
+      eta, untimed = estimate_left(seconds_by_kind, [s.name for s in todo[i:]])
+      print(f"stage {i}/{len(todo)} {stage.name} done in {_fmt(record['seconds'])}; elapsed "
+            f"{_fmt(time.time() - start)}, {len(todo) - i} left, ETA ~{_fmt(eta)} (each at the "
+            f"mean time of its kind so far{f'; {untimed} of kinds not timed yet' if untimed else ''})",
+            flush=True)
+  finally:
+    if server:
+      server.close()
   print(stage_view(plan, stages), flush=True)
   return {s.name: done_record(plan, s.name) for s in stages}

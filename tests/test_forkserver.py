@@ -1,0 +1,108 @@
+"""The reproduction's fork server runs a stage command as `python -m` does (same output, exit
+code, threads joined, atexit run, a fresh module each time), and its children can be killed."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gqa_flax.reproduce.forkserver import PRELOAD, ForkServer, ServerError
+
+PROBE = textwrap.dedent('''\
+    import atexit, sys, threading, time
+    from absl import flags
+    from jax._src import xla_bridge
+    flags.DEFINE_string("probe_flag", "x", "defined at import, as a stage module's flags are")
+    print("backend before the module:", xla_bridge.backends_are_initialized())
+    print("argv:", sys.argv[1:])
+    print("to stderr", file=sys.stderr)
+    atexit.register(lambda: print("atexit ran"))
+    if sys.argv[1] == "thread":
+      threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
+    elif sys.argv[1] == "raise":
+      raise ValueError("probe failed")
+    elif sys.argv[1] == "sleep":
+      time.sleep(120)
+    elif sys.argv[1] == "exit":
+      sys.exit(int(sys.argv[2]))
+    ''')
+
+
+@pytest.fixture(scope="module")
+def probe_env(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("probe")
+  (directory / "stage_probe.py").write_text(PROBE)
+  return {**os.environ, "PYTHONPATH": str(directory)}
+
+
+@pytest.fixture(scope="module")
+def server(probe_env):
+  server = ForkServer(probe_env)
+  yield server
+  server.close()
+
+
+def _forked(server, tmp_path, *args):
+  log = tmp_path / f"log-{'-'.join(args)}"
+  code = server.start(["stage_probe", *args], str(log)).wait(timeout=60)
+  return code, log.read_text()
+
+
+def _reference(env, *args):
+  done = subprocess.run([sys.executable, "-m", "stage_probe", *args], env=env,
+                        capture_output=True, text=True, timeout=120)
+  return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("args", [("thread",), ("exit", "3"), ("exit", "0")])
+def test_forked_stage_runs_as_python_dash_m(server, probe_env, tmp_path, args):
+  code, output = _forked(server, tmp_path, *args)
+  reference_code, reference = _reference(probe_env, *args)
+  assert code == reference_code == (int(args[1]) if args[0] == "exit" else 0)
+  # the same lines (stdout and stderr share the log; a pipe orders them differently)
+  assert sorted(output.splitlines()) == sorted(reference.splitlines())
+  assert "backend before the module: False" in output and "atexit ran" in output
+
+
+def test_uncaught_exception_exits_1_with_its_traceback(server, probe_env, tmp_path):
+  code, output = _forked(server, tmp_path, "raise")
+  assert code == _reference(probe_env, "raise")[0] == 1
+  assert output.strip().splitlines()[-2:] == ["ValueError: probe failed", "atexit ran"]
+
+
+def test_each_stage_is_a_fresh_module(server, tmp_path):
+  """The probe defines an absl flag at import: a second run would fail if it were imported
+  in the server or kept from the first run."""
+  for _ in range(2):
+    code, output = _forked(server, tmp_path, "exit", "0")
+    assert code == 0, output
+
+
+def test_stage_can_be_killed_and_server_goes_on(server, tmp_path):
+  process = server.start(["stage_probe", "sleep"], str(tmp_path / "log"))
+  with pytest.raises(subprocess.TimeoutExpired):
+    process.wait(timeout=1)
+  process.kill()
+  assert process.wait(timeout=30) == -9
+  assert _forked(server, tmp_path, "exit", "5")[0] == 5
+
+
+def test_server_preloads_no_stage_module():
+  stage_modules = {"gqa_flax.train", "gqa_flax.convert", "gqa_flax.data.prepare",
+                   "gqa_flax.reproduce.heldout", "gqa_flax.reproduce.evaluate",
+                   "gqa_flax.reproduce.timing"}
+  code = ("import importlib, sys; from gqa_flax.reproduce.forkserver import PRELOAD; "
+          "[importlib.import_module(m) for m in PRELOAD]; "
+          "print(sorted(m for m in sys.modules if m.startswith('gqa_flax')))")
+  loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=120).stdout
+  assert PRELOAD and not [m for m in stage_modules if f"'{m}'" in loaded], loaded
+
+
+def test_a_dead_server_is_named(probe_env, tmp_path):
+  server = ForkServer(probe_env)
+  server._process.kill()
+  server._process.wait()
+  with pytest.raises(ServerError, match="fork server ended"):
+    server.start(["stage_probe", "exit", "0"], str(tmp_path / "log")).wait(timeout=10)
