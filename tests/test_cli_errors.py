@@ -94,6 +94,12 @@ SETTINGS_CASES = {
                       "--gin.MODEL_DIR='{tmp}/run'", "--gin.TRAIN_STEPS=1",
                       "--gqa_vocab_path={tmp}/nowhere.model"],
         "SentencePiece vocabulary not found at {tmp}/nowhere.model; set it with"),
+    "train: the vocabulary is on gs:// and cannot be reached (no network here)": (
+        "gqa-train", ["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=reproduce/mini/pretrain.gin",
+                      "--gin.MODEL_DIR='{tmp}/run'", "--gin.TRAIN_STEPS=1",
+                      "--gqa_vocab_path=gs://gqa-flax-no-such-bucket/spm.model"],
+        # 'not readable at ... (could not resolve host)' here; 'not found at' with network
+        "SentencePiece vocabulary not"),
     "vocabulary flag and gin binding are accepted": (
         "gqa-train", ["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin",
                       "--gqa_vocab_path={tmp}/spm.model",

@@ -174,3 +174,17 @@ def test_training_writes_model_dir_on_gs(gcs_server):
   rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
   assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
   assert (root / "checkpoint_4" / "state").is_dir()
+
+
+def test_vocabulary_on_gs_is_found_and_a_missing_one_named_in_one_line(gcs_server, tmp_path):
+  """A gs:// vocabulary is checked before any dataset is built: there, it passes; missing,
+  the one-line MissingPathError names it (without network the same check fails with 'not
+  readable', test_cli_errors)."""
+  from gqa_flax import errors  # pylint: disable=import-outside-toplevel
+  from gqa_flax.data import vocab  # pylint: disable=import-outside-toplevel
+  url = f"gs://{gcs_server.bucket}/vocab/spm.model"
+  epath.Path(url).write_bytes(b"a model file")
+  assert vocab.LazyPathVocabulary(url).check_found() == url
+  missing = f"gs://{gcs_server.bucket}/vocab/nowhere.model"
+  with pytest.raises(errors.MissingPathError, match=f"vocabulary not found at {missing}; set"):
+    vocab.LazyPathVocabulary(missing).check_found()

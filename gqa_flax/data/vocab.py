@@ -50,11 +50,16 @@ class LazyPathVocabulary(seqio.SentencePieceVocabulary):
     return self._sentencepiece_model_file or vocabulary_path() or DEFAULT_VOCAB_PATH
 
   def check_found(self) -> str:
-    """The model file's path; a local file that is not there raises the one-line
-    MissingPathError (call it before a dataset is built: inside tf.data the error would come
-    wrapped in TensorFlow's traceback)."""
+    """The model file's path; a file that is not there, or a remote one that cannot be
+    reached (gs:// without network or credentials), raises the one-line MissingPathError
+    (call it before a dataset is built: inside tf.data the error would come wrapped in
+    TensorFlow's traceback)."""
     path = self.sentencepiece_model_file
-    if "://" not in path and not os.path.isfile(path):
+    try:
+      found = tf.io.gfile.exists(path) if "://" in path else os.path.isfile(path)
+    except tf.errors.OpError as e:
+      raise _unreadable(path, e) from None
+    if not found:
       raise errors.MissingPathError(
           f"SentencePiece vocabulary not found at {path}; {_HOW_TO_SET}.")
     return path
@@ -65,11 +70,15 @@ class LazyPathVocabulary(seqio.SentencePieceVocabulary):
       self._sentencepiece_model_file = path
       try:
         return super()._model_context()
-      except tf.errors.NotFoundError as e:
-        raise errors.MissingPathError(
-            f"SentencePiece vocabulary not readable at {path} ({e.message}); "
-            f"{_HOW_TO_SET}.") from e
+      except tf.errors.OpError as e:
+        raise _unreadable(path, e) from e
     return self._model
+
+
+def _unreadable(path: str, error: tf.errors.OpError) -> errors.MissingPathError:
+  reason = error.message.strip().splitlines()[0]
+  return errors.MissingPathError(
+      f"SentencePiece vocabulary not readable at {path} ({reason}); {_HOW_TO_SET}.")
 
 
 @gin.configurable
