@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from gqa_flax.reproduce import claims, statistics
+from gqa_flax.reproduce.presets import load_preset
 from gqa_flax.reproduce.statistics import Interval
 
 
@@ -103,3 +104,21 @@ def test_measurements_stack_each_variants_seeds_in_seed_order():
   assert set(found) == {"heldout/tiny-mha", "time/g2"}
   np.testing.assert_array_equal(found["heldout/tiny-mha"], [[1.0, 2.0], [3.0, 4.0]])
   np.testing.assert_array_equal(found["time/g2"], [[5, 6]])
+
+
+def test_grouping_claims_compare_grouped_with_mean_pooling_and_only_where_a_preset_has_them():
+  rng = np.random.default_rng(1)
+  base = rng.normal(4.0, 1.0, (3, 200))
+  measurements = {claims.heldout("mini", 2, 0.0): base + 0.3,
+                  claims.heldout("mini", 2, 0.0, "grouped"):
+                      base + 0.2 + rng.normal(0, .01, base.shape),
+                  claims.heldout("mini", 2): base + 0.1,
+                  claims.heldout("mini", 2, method="grouped"):
+                      base + 0.1 + rng.normal(0, .01, base.shape)}
+  e1, e2 = (claims.evaluate(c, measurements) for c in claims.grouping_claims("mini", 2))
+  assert e1["measure"] == "L_GQA,mean,a=0 - L_GQA,grouped,a=0"
+  assert e1["verdict"] == "reproduced" and e1["estimate"] == pytest.approx(0.1, abs=0.01)
+  assert e2["verdict"] == "inconclusive" and abs(e2["estimate"]) < 0.01
+  mini = {c.id: c for c in claims.preset_claims(load_preset("mini"))}
+  assert mini["E1"].needs == ("heldout/mini-gqa2-a0-mean", "heldout/mini-gqa2-a0-grouped")
+  assert not {"E1", "E2"} & {c.id for c in claims.preset_claims(load_preset("smoke"))}

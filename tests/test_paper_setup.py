@@ -114,6 +114,10 @@ EXPERIMENTS = {"finetune_gqa8_xxl.gin": ("finetune", None),
 # configs/reproduce/mini/span_corruption.gin).
 PRESET_MINI_WARMUP = 1000
 PRESET_WARMUP = {"paper": PAPER_WARMUP, "mini": PRESET_MINI_WARMUP, "smoke": PRESET_MINI_WARMUP}
+# Fine-tuning's constant learning rate: the paper's 0.001; 0.01 from the mini presets' short
+# pre-training (configs/reproduce/mini/finetune.gin).
+PAPER_FINETUNE_LR = 1e-3
+PRESET_FINETUNE_LR = {"paper": PAPER_FINETUNE_LR, "mini": 1e-2, "smoke": 1e-2}
 TASKS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "experiments",
                                                                    "tasks", "*.gin")))
 
@@ -130,7 +134,7 @@ def _train_arguments(files, bindings):
   return arguments
 
 
-def _check_run(stage, warmup, files, bindings=()):
+def _check_run(stage, warmup, files, bindings=(), finetune_lr=PAPER_FINETUNE_LR):
   """The model's dropout and the learning rates of the run's first and last steps (and warmup)."""
   model, learning_rate_fn, total_steps, restore_path = _train_arguments(files, bindings)
   assert model.config.dropout_rate == DROPOUT[stage]
@@ -140,7 +144,7 @@ def _check_run(stage, warmup, files, bindings=()):
                                                           restore_path).group(1))
   assert stage == "pretrain" or start > 0
   if stage == "finetune":
-    expected = {start: 1e-3, total_steps - 1: 1e-3}  # constant 0.001
+    expected = {start: finetune_lr, total_steps - 1: finetune_lr}  # constant
   else:  # rsqrt: 1/sqrt(warmup) during warmup, then 1/sqrt(global step)
     steps = [start, total_steps - 1] + ([1, warmup - 1, warmup, 4 * warmup]
                                         if stage == "pretrain" else [])
@@ -180,7 +184,8 @@ def test_reproduction_runs_dropout_and_learning_rate(preset, tmp_path):
   runs = [s for s in plan.stages() if "gqa_flax.train" in s.argv]
   assert {s.name.split("-")[0] for s in runs} >= {"uptrain", "finetune"}
   for run in runs:
-    _check_run(run.name.split("-")[0], PRESET_WARMUP[preset], *_gin_arguments(run.argv))
+    _check_run(run.name.split("-")[0], PRESET_WARMUP[preset], *_gin_arguments(run.argv),
+               finetune_lr=PRESET_FINETUNE_LR[preset])
 
 
 # --- Partition specs of T5.1.1-XXL ---------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_plan_runs_the_project_entry_points(tmp_path):
   assert f'--gin.MODEL_DIR="{tmp_path}/runs/uptrain-mini-mqa-mean-s0"' in uptrain
   assert "--gin.TRAIN_STEPS=1575" in stages["uptrain-mini-gqa4-first-s0"].argv
   names = list(stages)
-  assert len([n for n in names if n.startswith("uptrain-")]) == 9 * 3
+  assert len([n for n in names if n.startswith("uptrain-")]) == 11 * 3  # 11 conversions
   assert stages["convert-mini-mqa-random-s0"].argv[1:3] == ["-m", "gqa_flax.convert"]
   assert "--method=random" in stages["convert-mini-mqa-random-s0"].argv
   # Fine-tuning: Table 1's variants only (MHA from the pre-trained checkpoint), per seed.
@@ -154,7 +154,7 @@ def test_plan_runs_the_project_entry_points(tmp_path):
           in stages["finetune-mini-mha-s1-gqa_mini_ende"].argv)
   assert len([n for n in names if n.startswith("finetune-")]) == 3 * 3 * 2
   assert {"pretrain-mini", "pretrain-micro"} <= set(names)
-  assert len(preset.variants) == 17 and len(preset.table_variants) == 3
+  assert len(preset.variants) == 19 and len(preset.table_variants) == 3
   # The held-out losses: every conversion right after it (alpha 0) and every uptrained run.
   heldout = stages["heldout"].argv
   assert heldout[1:3] == ["-m", "gqa_flax.reproduce.heldout"]
@@ -201,9 +201,9 @@ def test_every_run_after_pretraining_takes_each_seed(tmp_path):
   assert checkpoints["heldout/mini-mqa-a0-mean/s3"] == checkpoints["heldout/mini-mqa-a0-mean/s7"]
   assert checkpoints["heldout/mini-mqa-a0-random/s3"] != checkpoints[
       "heldout/mini-mqa-a0-random/s7"]
-  # MHA of mini and micro; 9 conversions at alpha 0 and 0.05; MQA and GQA-2 by mean at
-  # 0.025, 0.1 and 0.2.
-  assert len(checkpoints) == 2 * len(plan.heldout_variants()) == 2 * (2 + 9 * 2 + 6)
+  # MHA of mini and micro; 11 conversions (G = 1, 2, 4 x mean, first, random; G = 2, 4
+  # grouped) at alpha 0 and 0.05; MQA and GQA-2 by mean at 0.025, 0.1 and 0.2.
+  assert len(checkpoints) == 2 * len(plan.heldout_variants()) == 2 * (2 + 11 * 2 + 6)
 
 
 def test_finetune_variants_must_be_variants_and_hold_the_table():

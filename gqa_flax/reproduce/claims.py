@@ -98,10 +98,27 @@ def paper_claims(model: str, smaller_model: str, gqa_groups: int, mid_groups: in
   ]
 
 
+def grouping_claims(model: str, groups: int) -> List[Claim]:
+  """Beyond the paper (`gqa-convert --method grouped`): grouping alike key/value heads before
+  mean pooling against pooling neighbouring heads, GQA-`groups` of `model`."""
+  claims = []
+  for claim_id, alpha, when in (("E1", 0.0, "right after conversion"),
+                                ("E2", UPTRAINED, f"after uptraining for alpha = {UPTRAINED}")):
+    grouped = heldout(model, groups, alpha, "grouped")
+    mean = heldout(model, groups, alpha)
+    claims.append(Claim(
+        claim_id, f"beyond the paper: grouping alike heads before pooling (--method grouped) "
+        f"beats mean-pooling neighbouring heads, GQA-{groups} {when}",
+        f"L_GQA,mean,a={alpha:g} - L_GQA,grouped,a={alpha:g}", (mean, grouped),
+        lambda mean, grouped: mean - grouped, ">", 0.0))
+  return claims
+
+
 def preset_claims(preset) -> List[Claim]:
   """C1-C6 for a reproduction preset: its Table 1 GQA variant's model and groups (the largest
   G below the heads among the table's variants, else among all), another model's MHA for C6,
-  Figure 6's groups."""
+  Figure 6's groups; with `grouped` variants, E1-E2 on the GQA variant's groups (else the
+  first grouped variant's)."""
   is_gqa = lambda v: v.kv_heads not in (None, 1)
   candidates = [v for v in preset.table_variants if is_gqa(v)] or [
       v for v in preset.variants if is_gqa(v)]
@@ -111,8 +128,13 @@ def preset_claims(preset) -> List[Claim]:
                   if v.kv_heads is None and v.model != model), "smaller")
   groups = sorted(preset.fig6["groups"])
   mid = 8 if 8 in groups[1:-1] else groups[len(groups) // 2]
-  return paper_claims(model, smaller, gqa.kv_heads if gqa else 8, mid, groups[-1],
-                      kv_bound=bool(preset.fig6_kv_bound))
+  claims = paper_claims(model, smaller, gqa.kv_heads if gqa else 8, mid, groups[-1],
+                        kv_bound=bool(preset.fig6_kv_bound))
+  grouped = [v for v in preset.variants if v.method == "grouped"]
+  if grouped:
+    chosen = next((v for v in grouped if gqa and v.kv_heads == gqa.kv_heads), grouped[0])
+    claims += grouping_claims(chosen.model, chosen.kv_heads)
+  return claims
 
 
 def test_loss(task: str, variant_key: str) -> str:
