@@ -1,7 +1,7 @@
 """gqa-convert: multi-head T5 checkpoint -> GQA-G / MQA Orbax checkpoint.
 
   gqa-convert --src SRC --dst DST --num_kv_heads G [--cross_num_kv_heads G2]
-              [--method mean|first|random|grouped] [--seed N] [--dtype float32|bfloat16] [--overwrite]
+              [--method mean|first|random|grouped|aligned] [--seed N] [--dtype float32|bfloat16] [--overwrite]
 """
 import argparse
 import functools
@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--method", choices=METHODS, default="mean",
                       help="mean: mean-pool each group's heads (paper); first: keep each group's "
                       "first head; random: fresh initialisation; grouped: mean-pool groups of "
-                      "alike heads, not neighbouring ones (default: mean)")
+                      "alike heads, not neighbouring ones; aligned: grouped, each head rotated "
+                      "onto its group's mean first (default: mean)")
   parser.add_argument("--seed", type=int, default=0, help="PRNG seed of --method random")
   parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                       help="storage dtype of the floating arrays (default: as in SRC)")

@@ -1,5 +1,6 @@
-"""`--method grouped`: permuting the decoder's attention heads is exact on the multi-head
-model, the groups are balanced, and pooling alike heads loses less than pooling neighbours."""
+"""`--method grouped` and `aligned`: permuting (and rotating) the decoder's attention heads is
+exact on the multi-head model, the groups are balanced, and pooling alike (aligned) heads
+loses less than pooling neighbours."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +8,10 @@ import pytest
 from flax.linen import meta
 
 from gqa_flax import checkpoints
+from gqa_flax.checkpoints import align
 from gqa_flax.checkpoints.arrays import flatten, in_memory, unflatten
 from gqa_flax.checkpoints.convert import (balanced_groups, convert_arrays, head_permutations,
-                                          mean_pool_kv, permute_heads)
+                                          kv_head_cosines, mean_pool_kv, permute_heads)
 from gqa_flax.checkpoints.reader import CheckpointSource, open_checkpoint
 from gqa_flax.convert import main
 from gqa_flax.models import Transformer, t5_1_1_config
@@ -141,3 +143,115 @@ def test_grouped_refuses_a_source_that_is_not_multi_head(tmp_path, capsys):
   assert "converts a multi-head checkpoint" in err and len(err.strip().splitlines()) == 1
   with pytest.raises(ValueError, match="must be a positive divisor of num_heads=4"):
     convert_arrays(_source(_mha_params()), 3, method="grouped")
+
+
+# --- aligned: heads rotated onto their group's mean before pooling --------------------------
+
+
+def _orthogonal(rng, size=3):
+  q, r = np.linalg.qr(rng.normal(size=(size, size)))
+  return q * np.sign(np.diag(r))
+
+
+def test_procrustes_recovers_a_rotation_and_minimises_in_the_inputs_metric():
+  rng = np.random.default_rng(0)
+  a, rotation = rng.normal(size=(20, 3)), _orthogonal(rng)
+  np.testing.assert_allclose(align.procrustes(a, a @ rotation), rotation, atol=1e-10)
+  # With inputs X (gram = X^T X), the rotation of two kernels [emb, d] minimises
+  # ||X A R - X B||: no other orthogonal matrix (here: 200 random ones, and the rotation
+  # that is best for the kernels themselves) does better.
+  x = rng.normal(size=(50, 6)) * [5, 1, 1, 1, .1, .1]
+  kernel_a, kernel_b = rng.normal(size=(2, 6, 3))
+  kernel = np.concatenate([kernel_a, kernel_b], axis=1)  # two heads of head_dim 3
+  rotations = align.group_rotations(kernel, 1, 3, gram=x.T @ x)
+  best = np.linalg.norm(x @ kernel_a @ rotations[0] - x @ kernel_b @ rotations[1])
+  relative = rotations[0] @ rotations[1].T  # only A's rotation relative to B's matters
+  residual = lambda r: np.linalg.norm(x @ kernel_a @ r - x @ kernel_b)
+  assert best == pytest.approx(residual(relative), rel=1e-9)
+  others = [_orthogonal(rng) for _ in range(200)] + [align.procrustes(kernel_a, kernel_b)]
+  assert best <= min(residual(r) for r in others) + 1e-9
+
+
+def _rotated_model(flat, rng):
+  """The MHA params with every decoder attention head rotated: R on its query and key, P on
+  its value and P^T on its output rows."""
+  rotated = dict(flat)
+  for i in range(2):
+    for kind in ("self_attention", "encoder_decoder_attention"):
+      prefix = f"decoder/layers_{i}/{kind}"
+      r, p = (np.stack([_orthogonal(rng) for _ in range(4)]) for _ in range(2))
+      for projection, rotations in (("query", r), ("key", r), ("value", p)):
+        rotated[f"{prefix}/{projection}/kernel"] = align.rotate_columns(
+            flat[f"{prefix}/{projection}/kernel"], rotations)
+      rotated[f"{prefix}/out/kernel"] = align.rotate_rows(flat[f"{prefix}/out/kernel"], p)
+  return rotated
+
+
+def test_rotating_heads_alone_keeps_the_multi_head_model_exactly():
+  flat = _mha_params()
+  rotated = _rotated_model(flat, np.random.default_rng(1))
+  assert not np.allclose(rotated["decoder/layers_0/self_attention/key/kernel"],
+                         flat["decoder/layers_0/self_attention/key/kernel"])
+  np.testing.assert_allclose(_logits(CONFIG, rotated), _logits(CONFIG, flat), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_aligned_pools_rotated_copies_into_the_multi_head_model():
+  """Heads 2 and 3 of every decoder attention made rotated copies of heads 0 and 1 (their
+  query, key, value and output projections, so each copy computes what its head does):
+  aligned GQA-2 groups each head with its copy, rotates the copy back and equals the
+  multi-head model; grouped and mean GQA-2 do not."""
+  flat, rng = _mha_params(), np.random.default_rng(2)
+  copied = dict(flat)
+  for name in flat:
+    if name.startswith("decoder/layers_") and "attention/" in name:
+      rows = name.endswith("/out/kernel")
+      heads = (flat[name].reshape(4, 3, -1) if rows else flat[name].reshape(-1, 4, 3)).copy()
+      if rows:
+        heads[2:] = heads[:2]
+      else:
+        heads[:, 2:] = heads[:, :2]
+      copied[name] = heads.reshape(flat[name].shape)
+  # rotate heads 2 and 3 only: identity for heads 0 and 1
+  identity = np.eye(3)
+  for i in range(2):
+    for kind in ("self_attention", "encoder_decoder_attention"):
+      prefix = f"decoder/layers_{i}/{kind}"
+      r, p = (np.stack([identity, identity, _orthogonal(rng), _orthogonal(rng)])
+              for _ in range(2))
+      for projection, rotations in (("query", r), ("key", r), ("value", p)):
+        copied[f"{prefix}/{projection}/kernel"] = align.rotate_columns(
+            copied[f"{prefix}/{projection}/kernel"], rotations)
+      copied[f"{prefix}/out/kernel"] = align.rotate_rows(copied[f"{prefix}/out/kernel"], p)
+  source = _source(copied)
+  expected = _logits(CONFIG, copied)
+  config, aligned, permutations = convert_arrays(source, 2, method="aligned")
+  assert all(sorted(p[:2]) in ([0, 2], [1, 3]) for p in permutations.values()), permutations
+  np.testing.assert_allclose(_logits(config, {n: a.read() for n, a in aligned.items()}),
+                             expected, rtol=1e-4, atol=1e-4)
+  for method in ("grouped", "mean"):
+    _, other, _ = convert_arrays(source, 2, method=method)
+    assert np.abs(_logits(config, {n: a.read() for n, a in other.items()}) - expected).max() \
+        > 1e-3, method
+
+
+def test_rotation_invariant_similarity_is_one_for_rotated_copies():
+  rng = np.random.default_rng(3)
+  head = rng.normal(size=(8, 3))
+  kernel = np.concatenate([head, head @ _orthogonal(rng), rng.normal(size=(8, 3))], axis=1)
+  similarity = align.rotation_invariant_similarity(kernel, 3)
+  np.testing.assert_allclose(similarity, similarity.T, atol=1e-12)
+  np.testing.assert_allclose(np.diag(similarity), 1.0, atol=1e-12)
+  assert similarity[0, 1] == pytest.approx(1.0, abs=1e-12) and similarity[0, 2] < 0.99
+  assert kv_head_cosines(kernel, 3)[0, 1] < 0.99  # the plain cosine does not see the copy
+
+
+def test_aligned_with_one_head_per_group_is_the_source_and_written_by_the_cli(tmp_path):
+  flat = _mha_params(seed=6)
+  config, converted, _ = convert_arrays(_source(flat), 4, method="aligned")
+  np.testing.assert_allclose(_logits(config, {n: a.read() for n, a in converted.items()}),
+                             _logits(CONFIG, flat), rtol=1e-6, atol=1e-6)
+  assert main(["--src", T5X_TINY, "--dst", str(tmp_path / "gqa"), "--num_kv_heads", "2",
+               "--method", "aligned"]) == 0
+  loaded = checkpoints.load_checkpoint(str(tmp_path / "gqa"))
+  assert loaded.metadata["method"] == "aligned" and loaded.config.num_kv_heads == 2

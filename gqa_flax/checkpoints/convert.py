@@ -16,6 +16,12 @@ contiguous (query head h -> group h // (H/G)), as at run time:
            table across the decoder's layers, so self-attention takes one permutation for
            every layer (from the kernels' similarity summed over layers); cross-attention,
            which has no bias, one per layer. The permutations are in the metadata.
+  aligned  `grouped` with a similarity that rotations do not change, then each head rotated
+           onto its group's mean before the mean is taken (`align.py`: orthogonal
+           Procrustes; the query and key projections of a head share one rotation, its value
+           and output projections another, so the multi-head model is unchanged before
+           pooling). Aligned on the kernels themselves (the inputs' metric taken as the
+           identity).
 
 Streaming: each array is read, converted and written on its own, in row blocks of about
 `arrays.BLOCK_BYTES` where its reader can read blocks (`LazyArray`s written by Orbax through
@@ -28,6 +34,7 @@ its commit_success.txt last and every reader here and in Orbax skips a step with
 interrupted conversion never looks complete.
 Optimizer state is not carried over (uptraining restarts it, as T5X's sparse upcycling does).
 """
+import functools
 import glob
 import itertools
 import os
@@ -48,13 +55,13 @@ from flax.linen import meta
 from tqdm import tqdm
 
 from gqa_flax import errors
-from gqa_flax.checkpoints import orbax_format, paths
+from gqa_flax.checkpoints import align, orbax_format, paths
 from gqa_flax.checkpoints.arrays import LazyArray, mapped, unflatten
 from gqa_flax.checkpoints.reader import CheckpointSource, open_checkpoint
 from gqa_flax.models.attention import MultiHeadDotProductAttention
 from gqa_flax.models.config import T5Config
 
-METHODS = ("mean", "first", "random", "grouped")
+METHODS = ("mean", "first", "random", "grouped", "aligned")
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _KV_KERNEL = re.compile(
     r"decoder/layers_\d+/(self_attention|encoder_decoder_attention)/(key|value)/kernel")
@@ -115,22 +122,27 @@ def balanced_groups(similarity: np.ndarray, num_groups: int) -> np.ndarray:
   return np.asarray(order)
 
 
-def _kv_similarity(source: CheckpointSource, layer: str, kind: str) -> np.ndarray:
-  """[H, H]: the cosine similarity of the heads' key kernels plus that of their values."""
-  return sum(kv_head_cosines(np.asarray(source.arrays[f"{layer}/{kind}/{kv}/kernel"].read()),
+def _kv_similarity(source: CheckpointSource, layer: str, kind: str,
+                   head_similarity: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
+  """[H, H]: the similarity of the heads' key kernels plus that of their values."""
+  return sum(head_similarity(np.asarray(source.arrays[f"{layer}/{kind}/{kv}/kernel"].read()),
                              source.config.head_dim) for kv in ("key", "value"))
 
 
-def head_permutations(source: CheckpointSource, num_kv_heads: int,
-                      cross_num_kv_heads: int) -> Dict[str, np.ndarray]:
+def head_permutations(source: CheckpointSource, num_kv_heads: int, cross_num_kv_heads: int,
+                      head_similarity: Optional[Callable[[np.ndarray, int], np.ndarray]] = None
+                      ) -> Dict[str, np.ndarray]:
   """{'self_attention': one permutation for every decoder layer (their shared relative
-  position bias moves with it), 'encoder_decoder_attention/<layer>': one per layer}."""
+  position bias moves with it), 'encoder_decoder_attention/<layer>': one per layer}, grouping
+  heads alike by `head_similarity(kernel, head_dim)` ([H, H]; default: kv_head_cosines)."""
+  similarity = functools.partial(_kv_similarity, source,
+                                 head_similarity=head_similarity or kv_head_cosines)
   layers = [f"decoder/layers_{i}" for i in range(source.config.num_decoder_layers)]
   permutations = {"self_attention": balanced_groups(
-      sum(_kv_similarity(source, layer, "self_attention") for layer in layers), num_kv_heads)}
+      sum(similarity(layer, "self_attention") for layer in layers), num_kv_heads)}
   for i, layer in enumerate(layers):
     permutations[f"encoder_decoder_attention/{i}"] = balanced_groups(
-        _kv_similarity(source, layer, "encoder_decoder_attention"), cross_num_kv_heads)
+        similarity(layer, "encoder_decoder_attention"), cross_num_kv_heads)
   return permutations
 
 
@@ -161,6 +173,32 @@ def _permuted(source: CheckpointSource, permutations: Dict[str, np.ndarray]
   return arrays
 
 
+def _aligned(arrays: Dict[str, LazyArray], config: T5Config, num_kv_heads: int,
+             cross_num_kv_heads: int) -> Dict[str, LazyArray]:
+  """`arrays` (heads already grouped) with each decoder attention's heads rotated onto their
+  group's mean: the key rotation applied to query and key, the value rotation to value and
+  (transposed) to the output rows (`align.py`)."""
+  arrays = dict(arrays)
+  for i in range(config.num_decoder_layers):
+    for kind, groups in (("self_attention", num_kv_heads),
+                         ("encoder_decoder_attention", cross_num_kv_heads)):
+      prefix = f"decoder/layers_{i}/{kind}"
+      rotations = {kv: align.group_rotations(np.asarray(arrays[f"{prefix}/{kv}/kernel"].read()),
+                                             groups, config.head_dim) for kv in ("key", "value")}
+      for projection, kv, rotate in (("query", "key", align.rotate_columns),
+                                     ("key", "key", align.rotate_columns),
+                                     ("value", "value", align.rotate_columns),
+                                     ("out", "value", align.rotate_rows)):
+        name = f"{prefix}/{projection}/kernel"
+        arrays[name] = _rotated(arrays[name], rotations[kv], rotate)
+  return arrays
+
+
+def _rotated(array: LazyArray, rotations: np.ndarray,
+             rotate: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> LazyArray:
+  return LazyArray(array.shape, array.dtype, lambda: rotate(np.asarray(array.read()), rotations))
+
+
 def _converted(name: str, array: LazyArray, config: T5Config, num_kv_heads: int, method: str,
                seed: int) -> LazyArray:
   """The LazyArray of the GQA kernel made from the multi-head kernel `array`."""
@@ -187,8 +225,9 @@ def _cast(array: LazyArray, dtype: Optional[np.dtype]) -> LazyArray:
 def convert_arrays(source: CheckpointSource, num_kv_heads: int,
                    cross_num_kv_heads: Optional[int] = None, method: str = "mean", seed: int = 0,
                    dtype: Optional[str] = None):
-  """(GQA T5Config, {name: LazyArray}, head permutations of `grouped` or {}) of `source`
-  converted; nothing is read yet but, for `grouped`, the decoder's key/value kernels."""
+  """(GQA T5Config, {name: LazyArray}, head permutations of `grouped` / `aligned` or {}) of
+  `source` converted; nothing is read yet but, for those two, the decoder's key/value
+  kernels."""
   if method not in METHODS:
     raise errors.UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
   if dtype is not None and dtype not in DTYPES:
@@ -196,13 +235,16 @@ def convert_arrays(source: CheckpointSource, num_kv_heads: int,
   cross = num_kv_heads if cross_num_kv_heads is None else cross_num_kv_heads
   config = source.config.replace(num_kv_heads=num_kv_heads, cross_num_kv_heads=cross)
   permutations, sources = {}, source.arrays
-  if method == "grouped":
+  if method in ("grouped", "aligned"):
     if source.config.num_kv_heads != source.config.num_heads or \
         source.config.cross_num_kv_heads != source.config.num_heads:
-      raise errors.UserError("--method grouped converts a multi-head checkpoint; this one has "
-                             f"{source.config.attention_name} attention")
-    permutations = head_permutations(source, num_kv_heads, cross)
+      raise errors.UserError(f"--method {method} converts a multi-head checkpoint; this one "
+                             f"has {source.config.attention_name} attention")
+    similarity = align.rotation_invariant_similarity if method == "aligned" else None
+    permutations = head_permutations(source, num_kv_heads, cross, similarity)
     sources = _permuted(source, permutations)
+    if method == "aligned":
+      sources = _aligned(sources, source.config, num_kv_heads, cross)
   arrays = {}
   for name, array in sources.items():
     match = _KV_KERNEL.fullmatch(name)

@@ -196,10 +196,10 @@ def run_all(plan: Plan, heartbeat: float = 30.0, pod_flags: Optional[dict] = Non
       record = run_stage(plan, server, stage, heartbeat, stages.index(stage), pod_flags)
       seconds_by_kind.setdefault(stage_kind(stage.name), []).append(record["seconds"])
       eta, untimed = estimate_left(seconds_by_kind, [s.name for s in todo[i:]])
+      untimed_note = f"; {untimed} of kinds not timed yet" if untimed else ""
       print(f"stage {i}/{len(todo)} {stage.name} done in {_fmt(record['seconds'])}; elapsed "
             f"{_fmt(time.time() - start)}, {len(todo) - i} left, ETA ~{_fmt(eta)} (each at the "
-            f"mean time of its kind so far{f'; {untimed} of kinds not timed yet' if untimed else ''})",
-            flush=True)
+            f"mean time of its kind so far{untimed_note})", flush=True)
   finally:
     if server:
       server.close()
