@@ -1,7 +1,9 @@
 """gqa-convert: multi-head T5 checkpoint -> GQA-G / MQA Orbax checkpoint.
 
   gqa-convert --src SRC --dst DST --num_kv_heads G [--cross_num_kv_heads G2]
-              [--method mean|first|random|grouped|aligned] [--seed N] [--dtype float32|bfloat16] [--overwrite]
+              [--method mean|first|random|grouped|aligned]
+              [--calibration_task_gin GIN [--calibration_examples N]] [--seed N]
+              [--dtype float32|bfloat16] [--overwrite]
 """
 import argparse
 import functools
@@ -9,9 +11,14 @@ import os
 import signal
 import sys
 
+from typing import Dict
+
 import jax
+import numpy as np
 
 from gqa_flax import errors, pod
+from gqa_flax.checkpoints.arrays import unflatten
+from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.checkpoints.convert import (DTYPES, METHODS, convert_checkpoint,
                                           discard_temporary_at_exit)
 
@@ -40,6 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "first head; random: fresh initialisation; grouped: mean-pool groups of "
                       "alike heads, not neighbouring ones; aligned: grouped, each head rotated "
                       "onto its group's mean first (default: mean)")
+  parser.add_argument("--calibration_task_gin", default=None,
+                      help="--method aligned: align heads in the metric of their key/value "
+                      "inputs on this task's examples (a gin file setting MIXTURE_OR_TASK_NAME "
+                      "and TASK_FEATURE_LENGTHS, e.g. the pre-training task's; default: align "
+                      "the kernels themselves)")
+  parser.add_argument("--calibration_split", default="train")
+  parser.add_argument("--calibration_examples", type=errors.positive_int, default=256)
+  parser.add_argument("--calibration_batch_size", type=errors.positive_int, default=32)
   parser.add_argument("--seed", type=int, default=0, help="PRNG seed of --method random")
   parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                       help="storage dtype of the floating arrays (default: as in SRC)")
@@ -48,10 +63,32 @@ def parse_args(argv=None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def _calibration_grams(args: argparse.Namespace) -> Dict[str, np.ndarray]:
+  """The source model's key/value input grams on the calibration task (`calibration.py`)."""
+  # Imported here: the data pipeline brings TensorFlow, which plain conversions do not need.
+  from gqa_flax import calibration  # pylint: disable=import-outside-toplevel
+  from gqa_flax.training import data_pipeline  # pylint: disable=import-outside-toplevel
+  if args.method != "aligned":
+    raise errors.UserError(f"--calibration_task_gin calibrates --method aligned, not "
+                           f"{args.method}; drop it or pass --method aligned")
+  source = open_checkpoint(args.src)
+  params = unflatten({name: np.asarray(array.read()) for name, array in source.arrays.items()})
+  cfg = data_pipeline.from_task_gin(args.calibration_task_gin, args.calibration_split,
+                                    args.calibration_batch_size)
+  return calibration.kv_input_grams(source.config, params,
+                                    calibration.task_batches(cfg, args.calibration_examples))
+
+
 def _convert(args: argparse.Namespace) -> str:
   """Converts; returns the summary line, or raises ValueError / OSError."""
+  grams, calibrated = None, None
+  if args.calibration_task_gin:
+    grams = _calibration_grams(args)
+    calibrated = {"task_gin": args.calibration_task_gin, "split": args.calibration_split,
+                  "examples": args.calibration_examples}
   config = convert_checkpoint(args.src, args.dst, args.num_kv_heads, args.cross_num_kv_heads,
-                              args.method, args.seed, args.dtype, args.overwrite)
+                              args.method, args.seed, args.dtype, args.overwrite,
+                              grams=grams, calibration=calibrated)
   return (f"wrote {config.attention_name} checkpoint (num_kv_heads={config.num_kv_heads}, "
           f"cross_num_kv_heads={config.cross_num_kv_heads}) to {args.dst}")
 

@@ -196,12 +196,11 @@ def test_rotating_heads_alone_keeps_the_multi_head_model_exactly():
                              atol=1e-5)
 
 
-def test_aligned_pools_rotated_copies_into_the_multi_head_model():
-  """Heads 2 and 3 of every decoder attention made rotated copies of heads 0 and 1 (their
-  query, key, value and output projections, so each copy computes what its head does):
-  aligned GQA-2 groups each head with its copy, rotates the copy back and equals the
-  multi-head model; grouped and mean GQA-2 do not."""
-  flat, rng = _mha_params(), np.random.default_rng(2)
+def rotated_copies(seed=2):
+  """The MHA params with heads 2 and 3 of every decoder attention made rotated copies of heads
+  0 and 1 (their query, key, value and output projections, so each copy computes what its
+  head does)."""
+  flat, rng = _mha_params(), np.random.default_rng(seed)
   copied = dict(flat)
   for name in flat:
     if name.startswith("decoder/layers_") and "attention/" in name:
@@ -223,6 +222,14 @@ def test_aligned_pools_rotated_copies_into_the_multi_head_model():
         copied[f"{prefix}/{projection}/kernel"] = align.rotate_columns(
             copied[f"{prefix}/{projection}/kernel"], rotations)
       copied[f"{prefix}/out/kernel"] = align.rotate_rows(copied[f"{prefix}/out/kernel"], p)
+  return copied
+
+
+def test_aligned_pools_rotated_copies_into_the_multi_head_model():
+  """Heads 2 and 3 made rotated copies of heads 0 and 1 (`rotated_copies`): aligned GQA-2
+  groups each head with its copy, rotates the copy back and equals the multi-head model;
+  grouped and mean GQA-2 do not."""
+  copied = rotated_copies()
   source = _source(copied)
   expected = _logits(CONFIG, copied)
   config, aligned, permutations = convert_arrays(source, 2, method="aligned")

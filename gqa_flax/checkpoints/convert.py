@@ -20,8 +20,8 @@ contiguous (query head h -> group h // (H/G)), as at run time:
            onto its group's mean before the mean is taken (`align.py`: orthogonal
            Procrustes; the query and key projections of a head share one rotation, its value
            and output projections another, so the multi-head model is unchanged before
-           pooling). Aligned on the kernels themselves (the inputs' metric taken as the
-           identity).
+           pooling), in the metric of the key/value projections' inputs on calibration
+           examples (`grams`, `calibration.py`; without them, of the kernels themselves).
 
 Streaming: each array is read, converted and written on its own, in row blocks of about
 `arrays.BLOCK_BYTES` where its reader can read blocks (`LazyArray`s written by Orbax through
@@ -122,21 +122,28 @@ def balanced_groups(similarity: np.ndarray, num_groups: int) -> np.ndarray:
   return np.asarray(order)
 
 
+HeadSimilarity = Callable[[np.ndarray, int, str], np.ndarray]
+
+
+def _cosines(kernel: np.ndarray, head_dim: int, attention: str) -> np.ndarray:
+  del attention
+  return kv_head_cosines(kernel, head_dim)
+
+
 def _kv_similarity(source: CheckpointSource, layer: str, kind: str,
-                   head_similarity: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
+                   head_similarity: HeadSimilarity) -> np.ndarray:
   """[H, H]: the similarity of the heads' key kernels plus that of their values."""
   return sum(head_similarity(np.asarray(source.arrays[f"{layer}/{kind}/{kv}/kernel"].read()),
-                             source.config.head_dim) for kv in ("key", "value"))
+                             source.config.head_dim, f"{layer}/{kind}") for kv in ("key", "value"))
 
 
 def head_permutations(source: CheckpointSource, num_kv_heads: int, cross_num_kv_heads: int,
-                      head_similarity: Optional[Callable[[np.ndarray, int], np.ndarray]] = None
-                      ) -> Dict[str, np.ndarray]:
+                      head_similarity: HeadSimilarity = _cosines) -> Dict[str, np.ndarray]:
   """{'self_attention': one permutation for every decoder layer (their shared relative
   position bias moves with it), 'encoder_decoder_attention/<layer>': one per layer}, grouping
-  heads alike by `head_similarity(kernel, head_dim)` ([H, H]; default: kv_head_cosines)."""
-  similarity = functools.partial(_kv_similarity, source,
-                                 head_similarity=head_similarity or kv_head_cosines)
+  heads alike by `head_similarity(kernel, head_dim, 'decoder/layers_<i>/<attention>')`
+  ([H, H]; default: the kernels' cosines)."""
+  similarity = functools.partial(_kv_similarity, source, head_similarity=head_similarity)
   layers = [f"decoder/layers_{i}" for i in range(source.config.num_decoder_layers)]
   permutations = {"self_attention": balanced_groups(
       sum(similarity(layer, "self_attention") for layer in layers), num_kv_heads)}
@@ -174,17 +181,19 @@ def _permuted(source: CheckpointSource, permutations: Dict[str, np.ndarray]
 
 
 def _aligned(arrays: Dict[str, LazyArray], config: T5Config, num_kv_heads: int,
-             cross_num_kv_heads: int) -> Dict[str, LazyArray]:
+             cross_num_kv_heads: int, grams: Dict[str, np.ndarray]) -> Dict[str, LazyArray]:
   """`arrays` (heads already grouped) with each decoder attention's heads rotated onto their
-  group's mean: the key rotation applied to query and key, the value rotation to value and
-  (transposed) to the output rows (`align.py`)."""
+  group's mean in the metric of its key/value inputs' `grams` (identity where absent): the
+  key rotation applied to query and key, the value rotation to value and (transposed) to the
+  output rows (`align.py`)."""
   arrays = dict(arrays)
   for i in range(config.num_decoder_layers):
     for kind, groups in (("self_attention", num_kv_heads),
                          ("encoder_decoder_attention", cross_num_kv_heads)):
       prefix = f"decoder/layers_{i}/{kind}"
       rotations = {kv: align.group_rotations(np.asarray(arrays[f"{prefix}/{kv}/kernel"].read()),
-                                             groups, config.head_dim) for kv in ("key", "value")}
+                                             groups, config.head_dim, grams.get(prefix))
+                   for kv in ("key", "value")}
       for projection, kv, rotate in (("query", "key", align.rotate_columns),
                                      ("key", "key", align.rotate_columns),
                                      ("value", "value", align.rotate_columns),
@@ -224,10 +233,12 @@ def _cast(array: LazyArray, dtype: Optional[np.dtype]) -> LazyArray:
 
 def convert_arrays(source: CheckpointSource, num_kv_heads: int,
                    cross_num_kv_heads: Optional[int] = None, method: str = "mean", seed: int = 0,
-                   dtype: Optional[str] = None):
+                   dtype: Optional[str] = None, grams: Optional[Dict[str, np.ndarray]] = None):
   """(GQA T5Config, {name: LazyArray}, head permutations of `grouped` / `aligned` or {}) of
   `source` converted; nothing is read yet but, for those two, the decoder's key/value
-  kernels."""
+  kernels. `aligned` groups and rotates heads in the metric of `grams`
+  ({'decoder/layers_<i>/<attention>': X^T X of its key/value inputs}, `calibration.py`;
+  None: the kernels' own)."""
   if method not in METHODS:
     raise errors.UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
   if dtype is not None and dtype not in DTYPES:
@@ -240,11 +251,14 @@ def convert_arrays(source: CheckpointSource, num_kv_heads: int,
         source.config.cross_num_kv_heads != source.config.num_heads:
       raise errors.UserError(f"--method {method} converts a multi-head checkpoint; this one "
                              f"has {source.config.attention_name} attention")
-    similarity = align.rotation_invariant_similarity if method == "aligned" else None
+    grams = grams or {}
+    similarity = _cosines if method == "grouped" else (
+        lambda kernel, head_dim, attention: align.rotation_invariant_similarity(
+            kernel, head_dim, grams.get(attention)))
     permutations = head_permutations(source, num_kv_heads, cross, similarity)
     sources = _permuted(source, permutations)
     if method == "aligned":
-      sources = _aligned(sources, source.config, num_kv_heads, cross)
+      sources = _aligned(sources, source.config, num_kv_heads, cross, grams)
   arrays = {}
   for name, array in sources.items():
     match = _KV_KERNEL.fullmatch(name)
@@ -365,10 +379,12 @@ def _write_committed(dst: str, write: Callable[[str], None]) -> None:
 def convert_checkpoint(src: str, dst: str, num_kv_heads: int,
                        cross_num_kv_heads: Optional[int] = None, method: str = "mean",
                        seed: int = 0, dtype: Optional[str] = None, overwrite: bool = False,
-                       progress: bool = True) -> T5Config:
+                       progress: bool = True, grams: Optional[Dict[str, np.ndarray]] = None,
+                       calibration: Optional[dict] = None) -> T5Config:
   """Converts checkpoint `src` (any supported format) into the Orbax checkpoint `dst`.
 
-  Returns the GQA config. `dst` appears, or is committed (URL), only once complete.
+  Returns the GQA config. `dst` appears, or is committed (URL), only once complete. `grams`:
+  as in `convert_arrays`; `calibration`: what they were computed on, for the metadata.
   """
   src_abs, dst_abs = paths.absolute(src), paths.absolute(dst)
   if epath.Path(dst_abs).exists() and not overwrite:
@@ -377,11 +393,13 @@ def convert_checkpoint(src: str, dst: str, num_kv_heads: int,
     raise errors.UserError(f"DST {dst} overlaps SRC {src}; the source is never modified")
   source = open_checkpoint(src)
   config, arrays, permutations = convert_arrays(source, num_kv_heads, cross_num_kv_heads,
-                                                method, seed, dtype)
+                                                method, seed, dtype, grams)
   step = source.step or 0
   metadata = {"source_path": src_abs, "source_format": source.format, "source_step": source.step,
               "method": method, "num_kv_heads": config.num_kv_heads,
               "cross_num_kv_heads": config.cross_num_kv_heads, "seed": seed}
+  if calibration:
+    metadata["calibration"] = calibration
   if permutations:
     metadata["head_permutations"] = {kind: permutation.tolist()
                                      for kind, permutation in permutations.items()}

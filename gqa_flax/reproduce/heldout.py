@@ -17,12 +17,11 @@ import argparse
 import sys
 from typing import Dict, List
 
-import gin
 import numpy as np
 
 from gqa_flax import errors, pod
 from gqa_flax.reproduce.timing import write_json
-from gqa_flax.training import data_pipeline, evaluation, gin_utils
+from gqa_flax.training import data_pipeline, evaluation
 from gqa_flax.training.partitioning import Partitioner
 
 
@@ -51,18 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def _dataset_config(task_gin: str, split: str, batch_size: int) -> data_pipeline.DatasetConfig:
-  """The task of `task_gin` (MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS and its module), read
-  after runs/pretrain.gin, whose configurables a task file of a training run may bind."""
-  gin.clear_config()
-  gin_utils.parse_gin(["runs/pretrain.gin", task_gin], [])
-  module = gin.query_parameter("%MIXTURE_OR_TASK_MODULE")
-  return data_pipeline.DatasetConfig(
-      gin.query_parameter("%MIXTURE_OR_TASK_NAME"),
-      dict(gin.query_parameter("%TASK_FEATURE_LENGTHS")), split=split, batch_size=batch_size,
-      shuffle=False, seed=0, pack=False, module=module)
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
@@ -71,7 +58,7 @@ def main(argv=None) -> int:
       raise errors.UserError(f"--num_examples={args.num_examples} must be a positive multiple "
                              f"of --batch_size={args.batch_size}")
     scores = dict(spec.split("=", 1) for spec in args.score)
-    cfg = _dataset_config(args.task_gin, args.split, args.batch_size)
+    cfg = data_pipeline.from_task_gin(args.task_gin, args.split, args.batch_size)
     partitioner = Partitioner(args.num_partitions)
     by_checkpoint: Dict[str, List[float]] = {}  # a checkpoint named twice is scored once
     losses: Dict[str, List[float]] = {}

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from gqa_flax import errors
 from gqa_flax.data import vocab
+from gqa_flax.training import gin_utils
 from gqa_flax.training.partitioning import DataLayout
 
 
@@ -93,3 +94,15 @@ def as_numpy(ds: tf.data.Dataset) -> Iterator[Mapping[str, np.ndarray]]:
   """Batches as dicts of int32 numpy arrays."""
   for batch in ds.as_numpy_iterator():
     yield {name: value.astype(np.int32) for name, value in batch.items()}
+
+
+def from_task_gin(task_gin: str, split: str, batch_size: int) -> DatasetConfig:
+  """The unshuffled, unpacked split of the task a gin file names (MIXTURE_OR_TASK_NAME,
+  TASK_FEATURE_LENGTHS and its module), read after runs/pretrain.gin, whose configurables a
+  training run's task file may bind. Clears gin's config first."""
+  gin.clear_config()
+  gin_utils.parse_gin(["runs/pretrain.gin", task_gin], [])
+  return DatasetConfig(
+      gin.query_parameter("%MIXTURE_OR_TASK_NAME"),
+      dict(gin.query_parameter("%TASK_FEATURE_LENGTHS")), split=split, batch_size=batch_size,
+      shuffle=False, seed=0, pack=False, module=gin.query_parameter("%MIXTURE_OR_TASK_MODULE"))

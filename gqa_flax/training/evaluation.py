@@ -22,7 +22,7 @@ import functools
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import gin
 import numpy as np
@@ -59,22 +59,28 @@ def predict_dataset(predict_batch: PredictBatchFn, ds: tf.data.Dataset, batch_si
   return results
 
 
-def per_example_losses(predictor: Predictor, cfg: DatasetConfig, num_examples: int
-                       ) -> Tuple[np.ndarray, np.ndarray]:
-  """([n] teacher-forced loss, [n] target tokens) of each of the first n <= `num_examples`
-  examples of `cfg`'s split, in file order, unpacked, with the split's own preprocessing seed
-  (the examples the evaluator decodes; the same on every host of a pod), in batches of
-  `cfg.batch_size` (the last one padded with empty rows, so it compiles once)."""
+def first_examples(cfg: DatasetConfig, num_examples: int
+                   ) -> Iterator[Tuple[Dict[str, np.ndarray], int]]:
+  """(batch, rows) over the first n <= `num_examples` examples of `cfg`'s split, in file
+  order, unpacked, with the split's own preprocessing seed (the examples the evaluator
+  decodes; the same on every host of a pod), in batches of `cfg.batch_size`: the last one
+  padded with empty rows after its `rows`, so that it compiles once."""
   lengths = dict(cfg.task_feature_lengths)
   ds = cfg.task().get_dataset(lengths, split=cfg.split, shuffle=False, num_epochs=1,
                               seed=cfg.seed, use_cached=cfg.use_cached)
   ds = seqio.EncDecFeatureConverter(pack=False)(ds.take(num_examples), lengths)
-  losses, tokens = [], []
   for batch in ds.batch(cfg.batch_size).as_numpy_iterator():
     rows = len(batch["decoder_target_tokens"])
-    padded = {name: np.pad(value, ((0, cfg.batch_size - rows), (0, 0)))
-              for name, value in batch.items()}
-    loss, count = predictor.per_example_loss(padded)
+    yield {name: np.pad(value, ((0, cfg.batch_size - rows), (0, 0)))
+           for name, value in batch.items()}, rows
+
+
+def per_example_losses(predictor: Predictor, cfg: DatasetConfig, num_examples: int
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+  """([n] teacher-forced loss, [n] target tokens) of each of `first_examples`."""
+  losses, tokens = [], []
+  for batch, rows in first_examples(cfg, num_examples):
+    loss, count = predictor.per_example_loss(batch)
     losses.append(loss[:rows])
     tokens.append(count[:rows])
   if not losses:
