@@ -87,7 +87,8 @@ SETTINGS_CASES = {
         "gqa-train", ["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/finetune.gin",
                       "--gin_file=experiments/tasks/cnn_dailymail.gin",
                       "--gin.MODEL_DIR='{tmp}/run'", "--gin.TRAIN_STEPS=1",
-                      "--gin.INITIAL_CHECKPOINT_PATH='{t5x_tiny}'", "--tfds_data_dir={tmp}/tfds"],
+                      "--gin.INITIAL_CHECKPOINT_PATH='{t5x_tiny}'", "--tfds_data_dir={tmp}/tfds",
+                      "--gqa_vocab_path={tmp}/spm.model"],  # found: the default is on gs://
         "TFDS dataset cnn_dailymail:3.4.0 is not prepared in {tmp}/tfds"),
     "train: the vocabulary file is missing": (
         "gqa-train", ["--gin_file=models/t5_1_1/tiny.gin", "--gin_file=reproduce/mini/pretrain.gin",
@@ -137,6 +138,7 @@ def test_bad_settings_end_in_one_line_with_nothing_written(case, tmp_path):
   prog, args, expected = SETTINGS_CASES[case]
   (tmp_path / "typo.gin").write_text(
       "include 'experiments/tiny_pretrain.gin'\ntrian.eval_steps = 2\n")
+  (tmp_path / "spm.model").write_bytes(b"")  # a vocabulary file that exists (never read)
   before = tree(tmp_path)
   result = run_command(prog, [a.format(tmp=tmp_path, t5x_tiny=T5X_TINY) for a in args],
                        cwd=tmp_path)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 from etils import epath
 
 from gqa_flax import pod
-from gqa_flax.reproduce.forkserver import ForkServer
+from gqa_flax.reproduce.forkserver import ForkedProcess, ForkServer
 from gqa_flax.reproduce.stages import Plan, Stage
 from gqa_flax.reproduce.timing import write_json
 
@@ -80,7 +80,7 @@ def _stage_argv(stage: Stage, index: int, pod_flags: Optional[dict]) -> List[str
                                         pod_flags["process_count"], pod_flags["process_index"])
 
 
-_running: list = []  # the stage command now running on this host
+_running: List[ForkedProcess] = []  # the stage command now running on this host
 
 
 def _kill_running() -> None:
