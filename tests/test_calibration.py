@@ -3,6 +3,7 @@ the normalised activations Flax captures, and the CLI calibrates on a task's exa
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax.linen import meta
 
 from gqa_flax import calibration, checkpoints
@@ -63,6 +64,7 @@ def test_aligned_with_grams_keeps_a_model_of_rotated_copies_exact():
                              grouped._logits(grouped.CONFIG, flat), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_calibrates_on_the_task_and_records_it(tmp_path, mini_data_dir, monkeypatch):
   monkeypatch.setenv("GQA_DATA_DIR", str(mini_data_dir))
   src = tmp_path / "mha"
