@@ -1,5 +1,6 @@
 """The reproduction's fork server runs a stage command as `python -m` does (same output, exit
 code, threads joined, atexit run, a fresh module each time), and its children can be killed."""
+import json
 import os
 import subprocess
 import sys
@@ -106,3 +107,22 @@ def test_a_dead_server_is_named(probe_env, tmp_path):
   server._process.wait()
   with pytest.raises(ServerError, match="fork server ended"):
     server.start(["stage_probe", "exit", "0"], str(tmp_path / "log")).wait(timeout=10)
+
+
+def test_server_ends_quietly_when_its_runner_is_gone(probe_env, tmp_path):
+  """The runner exits (its pod failed) right after killing its stage: the server, whose reply
+  then has no reader, ends with no traceback on the runner's stderr."""
+  server = subprocess.Popen([sys.executable, "-m", "gqa_flax.reproduce.forkserver"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=probe_env)
+  assert server.stdout.readline().strip() == b'{"ready": true}'
+  request = {"argv": ["stage_probe", "sleep"], "log": str(tmp_path / "log")}
+  server.stdin.write((json.dumps(request) + "\n").encode())
+  server.stdin.flush()
+  pid = json.loads(server.stdout.readline())["pid"]
+  server.stdout.close()  # the runner is gone
+  os.kill(pid, 9)
+  assert server.wait(timeout=60) == 0
+  assert b"Traceback" not in server.stderr.read()
+  server.stdin.close()
+  server.stderr.close()

@@ -17,6 +17,7 @@ The runner talks to the server over its stdin/stdout, one JSON line each way:
 End of input ends the server. Used by `runner.run_all`; `python -m` of this module is the
 server itself.
 """
+import functools
 import gc
 import importlib
 import json
@@ -117,6 +118,16 @@ def _become_stage(argv: List[str], log: str) -> None:
   runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
 
 
+def _reply(replies, **message) -> None:
+  """One JSON line to the runner. A runner that is gone (it ended with its error line after
+  its stage was killed) ends the server at once and quietly: nothing is left to serve."""
+  try:
+    replies.write(json.dumps(message) + "\n")
+    replies.flush()
+  except BrokenPipeError:
+    os._exit(0)  # pylint: disable=protected-access
+
+
 def serve() -> None:
   """The server's loop; returns only in a forked child, which then runs its command."""
   requests = os.fdopen(os.dup(0), "r")
@@ -125,7 +136,7 @@ def serve() -> None:
   for name in PRELOAD:
     importlib.import_module(name)
   gc.freeze()  # the children's collections skip the imported objects (no copy-on-write)
-  reply = lambda **message: (replies.write(json.dumps(message) + "\n"), replies.flush())
+  reply = functools.partial(_reply, replies)
   reply(ready=True)
   for line in requests:
     request = json.loads(line)
