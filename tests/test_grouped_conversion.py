@@ -172,19 +172,24 @@ def test_procrustes_recovers_a_rotation_and_minimises_in_the_inputs_metric():
   assert best <= min(residual(r) for r in others) + 1e-9
 
 
-def _rotated_model(flat, rng):
-  """The MHA params with every decoder attention head rotated: R on its query and key, P on
-  its value and P^T on its output rows."""
+def _rotate_heads(flat, draw):
+  """`flat` with every decoder attention's heads rotated: R = draw() ([heads, 3, 3]) on their
+  query and key, then P = draw() on their value and P^T on their output rows."""
   rotated = dict(flat)
   for i in range(2):
     for kind in ("self_attention", "encoder_decoder_attention"):
       prefix = f"decoder/layers_{i}/{kind}"
-      r, p = (np.stack([_orthogonal(rng) for _ in range(4)]) for _ in range(2))
+      r, p = draw(), draw()
       for projection, rotations in (("query", r), ("key", r), ("value", p)):
         rotated[f"{prefix}/{projection}/kernel"] = align.rotate_columns(
             flat[f"{prefix}/{projection}/kernel"], rotations)
       rotated[f"{prefix}/out/kernel"] = align.rotate_rows(flat[f"{prefix}/out/kernel"], p)
   return rotated
+
+
+def _rotated_model(flat, rng):
+  """The MHA params with every decoder attention head rotated by a random rotation."""
+  return _rotate_heads(flat, lambda: np.stack([_orthogonal(rng) for _ in range(4)]))
 
 
 def test_rotating_heads_alone_keeps_the_multi_head_model_exactly():
@@ -211,18 +216,9 @@ def rotated_copies(seed=2):
       else:
         heads[:, 2:] = heads[:, :2]
       copied[name] = heads.reshape(flat[name].shape)
-  # rotate heads 2 and 3 only: identity for heads 0 and 1
-  identity = np.eye(3)
-  for i in range(2):
-    for kind in ("self_attention", "encoder_decoder_attention"):
-      prefix = f"decoder/layers_{i}/{kind}"
-      r, p = (np.stack([identity, identity, _orthogonal(rng), _orthogonal(rng)])
-              for _ in range(2))
-      for projection, rotations in (("query", r), ("key", r), ("value", p)):
-        copied[f"{prefix}/{projection}/kernel"] = align.rotate_columns(
-            copied[f"{prefix}/{projection}/kernel"], rotations)
-      copied[f"{prefix}/out/kernel"] = align.rotate_rows(copied[f"{prefix}/out/kernel"], p)
-  return copied
+  identity = np.eye(3)  # heads 2 and 3 rotated, 0 and 1 kept
+  return _rotate_heads(copied, lambda: np.stack([identity, identity, _orthogonal(rng),
+                                                 _orthogonal(rng)]))
 
 
 def test_aligned_pools_rotated_copies_into_the_multi_head_model():
