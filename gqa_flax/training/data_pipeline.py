@@ -3,8 +3,8 @@
 The feature converter (`seqio.EncDecFeatureConverter`) turns a task's inputs/targets into
 encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights
 [batch, length] and, when packing, encoder/decoder segment_ids and positions. A host reads the
-data shards of its `partitioning.DataLayout` (one per mesh row it holds), batches
-`batch_size // num_shards` examples of each and concatenates them in row order. With a seed the
+data shards of its `partitioning.DataLayout`, batches `batch_size // num_shards` examples of
+each, concatenates them in shard order and keeps its rows of them. With a seed the
 order is a pure function of (seed, shard), so a resumed run skips `batches_consumed` batches
 and sees exactly the batches an uninterrupted run would. Evaluation reads one epoch, padded
 to a number of batches that is the same on every host (`pad_to`), so no host waits for another.
@@ -73,7 +73,7 @@ def _padding_batches(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 def get_dataset(cfg: DatasetConfig, layout: DataLayout, num_epochs: Optional[int] = None,
                 batches_consumed: int = 0, pad_to: Optional[int] = None) -> tf.data.Dataset:
-  """This host's batches (dicts of int32 [len(shard_ids) * batch_size / num_shards, length]),
+  """This host's batches (dicts of int32 [layout.host_batch_size, length]),
   repeating when num_epochs is None, starting after `batches_consumed` batches; with `pad_to`
   exactly that many batches (the data's first ones, then all-zero batches)."""
   if cfg.batch_size != layout.batch_size:
@@ -87,6 +87,9 @@ def get_dataset(cfg: DatasetConfig, layout: DataLayout, num_epochs: Optional[int
     shards.append(ds)
   ds = shards[0] if len(shards) == 1 else tf.data.Dataset.zip(tuple(shards)).map(
       lambda *batches: {name: tf.concat([b[name] for b in batches], 0) for name in batches[0]})
+  if not layout.keeps_every_row:
+    rows = slice(layout.offset, layout.offset + layout.host_batch_size)
+    ds = ds.map(lambda batch: {name: value[rows] for name, value in batch.items()})
   return ds.skip(batches_consumed).prefetch(tf.data.AUTOTUNE)
 
 

@@ -8,13 +8,17 @@ than the model axis, e.g. MQA -- is replicated instead (logged once per paramete
 run on any model-parallel size.
 
 Data layout (`data_layout`): the global batch is split into `data_parallel_size` slabs, one per
-row of the mesh's 'data' axis, and slab r is read from data shard r of that many
-(`seqio.ShardInfo(r, data_parallel_size)`). A host reads the shards of the rows its devices
-hold, so hosts that share rows (the model axis spanning hosts) read identical data, and the
-example stream depends on the mesh, not on how many hosts there are: a pod and one process
-with as many devices see the same global batches. (T5X reads one shard per host; where each
-host holds one row, the two layouts are the same.) `global_batch` assembles a host's slabs
-into one array of the configured global shape, sharded over 'data'.
+row of the mesh's 'data' axis, and read from `num_data_shards` data shards
+(`seqio.ShardInfo(j, num_data_shards)`), shard j giving the batch's examples
+[j * batch / num_data_shards, (j + 1) * batch / num_data_shards). A host reads the shards that
+overlap its rows' examples and keeps its rows, so hosts that share rows (the model axis spanning
+hosts) read identical data. By default there is one shard per row: the example stream depends on
+the mesh, not on how many hosts there are (a pod and one process with as many devices see the
+same global batches; where each host holds one row, this is T5X's one shard per host). A fixed
+`num_data_shards` makes it independent of the mesh too: with `num_data_shards = 1` one device,
+8 devices and a pod of any size train on the same batches (every host reads the whole stream and
+keeps its rows: for small data, like the mini reproduction's). `global_batch` assembles a host's
+rows into one array of the configured global shape, sharded over 'data'.
 """
 import dataclasses
 import functools
@@ -47,18 +51,42 @@ def standard_logical_axis_rules() -> LogicalRules:
 class DataLayout:
   """This host's part of the global batch (T5X's DataLayout, by mesh row; module docstring).
 
-  batch_size: the global batch; num_shards: the data shards (= data_parallel_size);
-  shard_ids: the shards (mesh rows) this host reads, ascending; is_first_host_in_replica_set:
-  whether this host is the first of those reading the same rows.
+  batch_size: the global batch; num_shards: the data shards it is read from; shard_ids: the
+  shards this host reads, ascending; offset, host_batch_size: the rows this host keeps of their
+  concatenated batches ([per_shard_batch_size * len(shard_ids)] examples);
+  is_first_host_in_replica_set: whether this host is the first of those reading the same rows.
   """
   batch_size: int
   num_shards: int
   shard_ids: Tuple[int, ...]
   is_first_host_in_replica_set: bool
+  offset: int
+  host_batch_size: int
 
   @property
   def per_shard_batch_size(self) -> int:
     return self.batch_size // self.num_shards
+
+  @property
+  def keeps_every_row(self) -> bool:
+    """Whether this host keeps all the rows of the shards it reads."""
+    read = self.per_shard_batch_size * len(self.shard_ids)
+    return self.offset == 0 and self.host_batch_size == read
+
+  @classmethod
+  def of_rows(cls, batch_size: int, data_parallel_size: int, num_shards: int,
+              rows: Sequence[int], is_first_host_in_replica_set: bool = True) -> "DataLayout":
+    """The layout of a host holding the contiguous mesh `rows` of `data_parallel_size`, the
+    batch read from `num_shards` shards."""
+    if num_shards < 1 or batch_size % num_shards:
+      raise errors.UserError(
+          f"batch size {batch_size} is not divisible by Partitioner.num_data_shards="
+          f"{num_shards}; set num_data_shards to a divisor of the batch size")
+    per_row, per_shard = batch_size // data_parallel_size, batch_size // num_shards
+    start, stop = rows[0] * per_row, (rows[-1] + 1) * per_row
+    shard_ids = tuple(range(start // per_shard, (stop - 1) // per_shard + 1))
+    return cls(batch_size, num_shards, shard_ids, is_first_host_in_replica_set,
+               offset=start - shard_ids[0] * per_shard, host_batch_size=stop - start)
 
   def shard_infos(self) -> Tuple[seqio.ShardInfo, ...]:
     return tuple(seqio.ShardInfo(index=i, num_shards=self.num_shards) for i in self.shard_ids)
@@ -70,6 +98,7 @@ class Partitioner:
   """A ('data', 'model') mesh over all devices and the shardings of state and batches."""
 
   num_partitions: int = 1
+  num_data_shards: Optional[int] = None  # None: one per row of the 'data' axis
   logical_axis_rules: LogicalRules = dataclasses.field(default_factory=standard_logical_axis_rules)
 
   def __post_init__(self):
@@ -101,7 +130,9 @@ class Partitioner:
           f"process {jax.process_index()} holds mesh rows {rows}, which are not "
           "contiguous; use a num_partitions whose model groups do not interleave hosts")
     first = min(p for p in range(jax.process_count()) if rows_of(p) == rows)
-    return DataLayout(batch_size, self.data_parallel_size, rows, first == jax.process_index())
+    return DataLayout.of_rows(batch_size, self.data_parallel_size,
+                              self.num_data_shards or self.data_parallel_size, rows,
+                              first == jax.process_index())
 
   def check_batch_size(self, batch_size: int) -> None:
     if batch_size % self.data_parallel_size:
