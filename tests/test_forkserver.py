@@ -2,9 +2,11 @@
 code, threads joined, atexit run, a fresh module each time), and its children can be killed."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -125,4 +127,41 @@ def test_server_ends_quietly_when_its_runner_is_gone(probe_env, tmp_path):
   assert server.wait(timeout=60) == 0
   assert b"Traceback" not in server.stderr.read()
   server.stdin.close()
+  server.stderr.close()
+
+
+def test_ctrl_c_interrupts_the_stage_not_the_server(probe_env, tmp_path):
+  """Ctrl-C signals the terminal's whole process group: the stage ends as `python -m` would
+  (KeyboardInterrupt), the server carries on quietly, and the runner decides what follows."""
+  server = subprocess.Popen([sys.executable, "-m", "gqa_flax.reproduce.forkserver"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=probe_env)
+  assert server.stdout.readline().strip() == b'{"ready": true}'
+
+  def request(*args):
+    log = tmp_path / f"log-{'-'.join(args)}"
+    server.stdin.write((json.dumps({"argv": ["stage_probe", *args], "log": str(log)}) + "\n"
+                        ).encode())
+    server.stdin.flush()
+    return json.loads(server.stdout.readline())["pid"], log
+
+  pid, log = request("sleep")
+  deadline = time.time() + 60
+  while "argv:" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+    time.sleep(0.1)
+  os.kill(server.pid, signal.SIGINT)
+  os.kill(pid, signal.SIGINT)
+  code = json.loads(server.stdout.readline())["exit"]
+  reference = subprocess.Popen([sys.executable, "-m", "stage_probe", "sleep"], env=probe_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  assert reference.stdout.readline()  # started
+  reference.send_signal(signal.SIGINT)
+  assert code == reference.wait(timeout=60) == -signal.SIGINT
+  assert "KeyboardInterrupt" in log.read_text()
+  request("exit", "4")
+  assert json.loads(server.stdout.readline())["exit"] == 4  # the server goes on
+  server.stdin.close()
+  assert server.wait(timeout=60) == 0
+  assert b"Traceback" not in server.stderr.read()
+  server.stdout.close()
   server.stderr.close()

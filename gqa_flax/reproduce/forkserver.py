@@ -129,7 +129,10 @@ def _reply(replies, **message) -> None:
 
 
 def serve() -> None:
-  """The server's loop; returns only in a forked child, which then runs its command."""
+  """The server's loop; returns only in a forked child, which then runs its command. Ctrl-C
+  (SIGINT to the terminal's process group) is the runner's to handle: the server ignores it,
+  a child gets it as `python -m` would (KeyboardInterrupt)."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   requests = os.fdopen(os.dup(0), "r")
   replies = os.fdopen(os.dup(1), "w")
   os.dup2(2, 1)  # what the imports print goes to stderr, not into the replies
@@ -142,6 +145,7 @@ def serve() -> None:
     request = json.loads(line)
     pid = os.fork()
     if pid == 0:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
       requests.close()
       replies.close()
       _become_stage(request["argv"], request["log"])
