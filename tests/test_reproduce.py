@@ -2,8 +2,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -402,3 +404,26 @@ def test_the_overall_eta_times_each_stage_left_by_its_kind():
                                      "uptrain-mini-gqa2-mean-s1", "finetune-mini-mha-s0-t"]) == (
                                          144.0, 1)
   assert runner.stage_kind("fig6-timing-kv-bound") == "fig6"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_with_one_line_and_leaves_no_process(tmp_path):
+  """Ctrl-C (SIGINT to the process group) while a stage runs: exit 130 with one line saying how
+  to go on, no traceback, the stage not marked done, and runner, fork server and stage gone."""
+  run = subprocess.Popen(
+      [sys.executable, "-m", "gqa_flax.reproduce.cli", "--preset", "smoke", "--out",
+       str(tmp_path / "out"), "--heartbeat", "1"], stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, start_new_session=True)
+  for line in run.stdout:
+    if "running prepare" in line:
+      break
+  run.stdout.readline()  # its first heartbeat: the stage is running
+  os.killpg(run.pid, signal.SIGINT)
+  assert run.wait(timeout=60) == 130
+  err = run.stderr.read().strip()
+  assert err.splitlines()[-1].startswith("gqa-reproduce: interrupted") and \
+      "Traceback" not in err, err[-3000:]
+  assert not (tmp_path / "out" / "stages" / "prepare" / "DONE.json").exists()
+  time.sleep(1)
+  with pytest.raises(ProcessLookupError):
+    os.killpg(run.pid, 0)  # nothing left in its process group

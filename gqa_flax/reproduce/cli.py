@@ -79,6 +79,10 @@ def main(argv=None) -> int:
   except (ValueError, OSError, runner.StageError) as e:
     print(f"gqa-reproduce: error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print("gqa-reproduce: interrupted (the running stage was stopped); rerun the same command "
+          "to go on from the stages that finished", file=sys.stderr)
+    return 130
   print(f"wrote {os.path.join(plan.out, 'table1.md')}, table1.json and fig3-6.png "
         f"(this invocation {time.time() - start:.0f} s, all stages {seconds:.0f} s)")
   return 0
