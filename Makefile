@@ -30,7 +30,7 @@ test-fast: $(VENV)/.installed
 
 # The main job: Table 1 and Figures 3-6, mini preset, on this CPU (resumable; see README).
 reproduce: $(VENV)/.installed
-	$(PY) -m gqa_flax.reproduce.cli --preset mini --out runs/mini
+	$(VENV)/bin/gqa-reproduce --preset mini --out runs/mini
 
 demo: $(VENV)/.installed
 	$(PY) -m gqa_flax.demo

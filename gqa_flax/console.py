@@ -4,14 +4,19 @@ Each prepares the process before anything imports TensorFlow or starts a JAX bac
 runs its command: TensorFlow's C++ INFO lines off (`TF_CPP_MIN_LOG_LEVEL=1`), and where no
 accelerator is attached (no TPU device file, no NVIDIA GPU) and JAX_PLATFORMS is unset, the
 CPU backend (`JAX_PLATFORMS=cpu`), so that an installed libtpu does not print its errors about
-a TPU that is not there. A value the user set for either variable is kept. Library INFO logs
-(Orbax, seqio) are turned off by the gin commands (`gin_utils.run`) unless --verbosity is given.
+a TPU that is not there. A value the user set for either variable is kept. TensorFlow sees no
+GPU (it runs tf.data only), and the lines its GPU support prints on a machine without one
+(`cudart_stub ... Could not find cuda drivers`, `failed call to cuInit`), whatever the log
+level, are dropped (`quiet_tensorflow_start`). Library INFO logs (Orbax, seqio) are turned off
+by the gin commands (`gin_utils.run`) unless --verbosity is given.
 """
+import contextlib
 import glob
 import importlib
 import os
 import sys
-from typing import Callable
+import tempfile
+from typing import Callable, Iterator
 
 _TPU_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*")  # TPU v2-v4; v5e and later
 _GPU_DEVICES = ("/dev/nvidia[0-9]*",)
@@ -28,12 +33,53 @@ def prepare_process() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+# What TensorFlow's GPU support prints on a machine without a GPU, before or regardless of
+# TF_CPP_MIN_LOG_LEVEL: the stub's INFO line, absl's note before it, and the failed cuInit.
+_TENSORFLOW_GPU_LINES = ("cudart_stub.cc", "All log messages before absl::InitializeLog() is called",
+                         "failed call to cuInit")
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_start() -> Iterator[None]:
+  """Runs the block (imports) with file descriptor 2 in a temporary file; if TensorFlow was
+  imported, hides the GPUs from it (it only runs tf.data; T5X does the same), which makes it
+  probe CUDA now rather than at its first op; then writes what was printed back to stderr
+  without TensorFlow's GPU lines. Nothing is dropped when TF_CPP_MIN_LOG_LEVEL is 0."""
+  if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0":
+    yield
+    _hide_gpus_from_tensorflow()
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+      _hide_gpus_from_tensorflow()
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+        if not any(marker in line for marker in _TENSORFLOW_GPU_LINES):
+          sys.stderr.write(line)
+      sys.stderr.flush()
+
+
+def _hide_gpus_from_tensorflow() -> None:
+  if "tensorflow" in sys.modules:
+    sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
+
+
 def _command(module: str, function: str) -> Callable[[], None]:
   """The console script that prepares the process, then runs `module.function()` (its return
   value is the exit status)."""
   def run() -> None:
     prepare_process()
-    sys.exit(getattr(importlib.import_module(module), function)())
+    with quiet_tensorflow_start():
+      command = getattr(importlib.import_module(module), function)
+    sys.exit(command())
   return run
 
 

@@ -35,7 +35,7 @@ def main() -> None:
 
 def console() -> None:
   """`gqa-eval` console script."""
-  gin_utils.run(main, "gqa-eval", __doc__)
+  gin_utils.run(main, "gqa-eval", __doc__, configurable=evaluate)
 
 
 if __name__ == "__main__":

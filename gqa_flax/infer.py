@@ -28,7 +28,7 @@ def main() -> None:
 
 def console() -> None:
   """`gqa-infer` console script."""
-  gin_utils.run(main, "gqa-infer", __doc__)
+  gin_utils.run(main, "gqa-infer", __doc__, configurable=infer)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def main() -> None:
 
 def console() -> None:
   """`gqa-train` console script."""
-  gin_utils.run(main, "gqa-train", __doc__)
+  gin_utils.run(main, "gqa-train", __doc__, configurable=train)
 
 
 if __name__ == "__main__":

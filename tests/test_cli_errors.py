@@ -370,3 +370,24 @@ def test_the_installed_script_picks_the_cpu_without_libtpu_lines(tmp_path):
                           timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prog,missing", [("gqa-train", "train.model"),
+                                          ("gqa-eval", "evaluate.dataset_cfg")])
+def test_the_installed_script_without_a_run_file_says_so_in_one_line(prog, missing):
+  """A model gin file alone: one line naming what is not set and the fix; nothing from
+  TensorFlow's GPU support (cudart stub, cuInit) on a machine without a GPU, at the default
+  log level."""
+  from gqa_flax import console  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=protected-access
+  if console._attached(console._TPU_DEVICES + console._GPU_DEVICES):
+    pytest.skip("an accelerator is attached")
+  script = os.path.join(os.path.dirname(sys.executable), prog)
+  env = {k: v for k, v in _env().items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
+  result = subprocess.run([script, "--gin_file=models/t5_1_1/tiny.gin"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: gin: {missing}") and \
+      "configs/runs/" in lines[0], result.stderr[-2000:]

@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from gqa_flax import console
+
 # Imported by the server before any fork: the libraries behind every stage, none of the stage
 # modules (python -m gqa_flax.train, .convert, .data.prepare, .reproduce.heldout/evaluate/timing).
 PRELOAD = ("tensorflow", "jax", "flax", "optax", "orbax.checkpoint", "seqio", "gin",
@@ -136,8 +138,9 @@ def serve() -> None:
   requests = os.fdopen(os.dup(0), "r")
   replies = os.fdopen(os.dup(1), "w")
   os.dup2(2, 1)  # what the imports print goes to stderr, not into the replies
-  for name in PRELOAD:
-    importlib.import_module(name)
+  with console.quiet_tensorflow_start():
+    for name in PRELOAD:
+      importlib.import_module(name)
   gc.freeze()  # the children's collections skip the imported objects (no copy-on-write)
   reply = functools.partial(_reply, replies)
   reply(ready=True)

@@ -11,13 +11,14 @@ macro that a gin file assigns but no gin file ever uses (a typo, `BATCH_SZE = 8`
 import contextlib
 import importlib.util  # gin 0.5.0 uses importlib.util without importing it
 import glob
+import inspect
 import logging
 import os
 import re
 import sys
 import tokenize
 import traceback
-from typing import Callable, Dict, Iterator, List, Sequence, Set
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 from absl import app, flags
 import gin
@@ -185,8 +186,28 @@ def missing_settings() -> List[str]:
   return sorted(missing)
 
 
-def check_complete() -> None:
-  """Raises a UserError naming every setting still REQUIRED and how to set it."""
+def unbound_parameters(configurable: Callable) -> List[str]:
+  """`configurable`'s parameters that have no default and no gin binding, as `name.param`."""
+  selector = f"{configurable.__module__}.{configurable.__name__}"
+  missing = []
+  for param in inspect.signature(configurable).parameters.values():
+    if param.default is inspect.Parameter.empty and param.kind not in (
+        inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+      try:
+        gin.query_parameter(f"{selector}.{param.name}")
+      except ValueError:
+        missing.append(f"{configurable.__name__}.{param.name}")
+  return missing
+
+
+def check_complete(configurable: Optional[Callable] = None) -> None:
+  """Raises a UserError naming every setting still REQUIRED, and every parameter of the
+  command's `configurable` that nothing sets, and how to set them."""
+  unbound = unbound_parameters(configurable) if configurable else []
+  if unbound:
+    raise errors.UserError(
+        f"gin: {', '.join(unbound)} not set: no run gin file was given; pass one of "
+        "configs/runs/ (--gin_file=runs/NAME.gin) or an experiments/*.gin that includes one")
   missing = missing_settings()
   if not missing:
     return
@@ -261,12 +282,13 @@ def help_text(prog: str, doc: str, flag_modules: Sequence[str] = ()) -> str:
 
 def run(main: Callable[[], None], prog: str, doc: str, join_pod: bool = True,
         flag_modules: Sequence[str] = (), read_by_code: Sequence[str] = (),
-        require_complete: bool = True) -> None:
+        require_complete: bool = True, configurable: Optional[Callable] = None) -> None:
   """Console-script entry: `--help` prints `help_text`; otherwise parses flags (after the
   --gin.X rewrite), turns library INFO logs off (unless --verbosity is given), joins the
   pod (unless `join_pod` is False: gqa-plan compiles for a slice it is not on) and watches
   it for failures, parses gin, warns of unused macros (`read_by_code`: macros the command
-  reads itself), refuses an incomplete config (`require_complete`), then `main()`. A
+  reads itself), refuses an incomplete config (`require_complete`: REQUIRED settings, and
+  `configurable`'s parameters that nothing binds), then `main()`. A
   UserError ends the command in one line, exit 1; on a pod, every process ends with it
   (`pod.fail`), and so does a bug (after its traceback)."""
   argv = rewrite_gin_args(sys.argv)
@@ -292,7 +314,7 @@ def run(main: Callable[[], None], prog: str, doc: str, join_pod: bool = True,
         print(f"{prog}: warning: gin macro {unused} is assigned but no gin binding uses it; "
               "check its spelling", file=sys.stderr, flush=True)
       if require_complete:
-        check_complete()
+        check_complete(configurable)
       main()
     except errors.UserError as e:
       pod.fail(prog, errors.one_line(e))
