@@ -5,15 +5,19 @@ import json
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 import seqio
 
 from gqa_flax import checkpoints
+from gqa_flax.checkpoints.convert import kv_head_similarity
+from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.models import t5_1_1_config
 from gqa_flax.reproduce import heldout
 from gqa_flax.training import data_pipeline, evaluation, predictor
 from gqa_flax.training.partitioning import Partitioner
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 from tests import training_task
+from tests.test_convert import T5X_TINY
 
 LENGTHS = {"inputs": 32, "targets": 16}
 
@@ -57,13 +61,16 @@ def test_heldout_losses_are_each_examples_mean_token_cross_entropy(tmp_path):
   output = tmp_path / "heldout.json"
   assert heldout.main([f"--output={output}", f"--task_gin={task_gin}", "--num_examples=8",
                        "--batch_size=4", f"--score=gqa2={tmp_path}/ckpt",
-                       f"--score=gqa2/s1={tmp_path}/ckpt"]) == 0
+                       f"--score=gqa2/s1={tmp_path}/ckpt", f"--similarity=tiny={T5X_TINY}"]) == 0
   written = json.loads(output.read_text())
   assert written["num_examples"] == 8 and written["task"] == training_task.TASK_NAME
   losses = np.array(written["losses"]["gqa2"])
   assert written["losses"]["gqa2/s1"] == written["losses"]["gqa2"]  # one checkpoint, scored once
   np.testing.assert_allclose(losses, _numpy_losses(model, params, 8), rtol=2e-5)
   assert len(set(np.round(losses, 4))) > 1  # examples differ
+  # The pre-trained model's head similarity, read in this stage for the report.
+  assert written["kv_head_similarity"] == {"tiny": pytest.approx(
+      kv_head_similarity(open_checkpoint(T5X_TINY)))}
 
 
 def test_fine_tuned_test_losses_are_the_decoded_examples_cross_entropies(tmp_path):

@@ -1,7 +1,8 @@
 """Held-out loss stage: every checkpoint's teacher-forced loss on the same held-out examples.
 
   python -m gqa_flax.reproduce.heldout --output FILE --task_gin GIN --split validation \\
-    --num_examples 256 --batch_size 32 [--num_partitions P] --score NAME=CHECKPOINT [...]
+    --num_examples 256 --batch_size 32 [--num_partitions P] --score NAME=CHECKPOINT [...] \
+    [--similarity MODEL=CHECKPOINT ...]
 
 The examples are the split's first `num_examples` (unshuffled, unpacked, the task's own
 preprocessing with its fixed seed: span corruption draws the same spans every time), so every
@@ -11,7 +12,10 @@ same for every seed) is scored once. Each example's loss is its mean cross entro
 token (`training.evaluation.per_example_losses`, as the evaluate stage scores the fine-tuned
 models). On a pod every host runs the command with the pod flags and reads the same examples;
 each batch is sharded over the data axis and the losses gathered. FILE (written by process
-0): {"task", "split", "num_examples", "losses": {NAME: [loss per example]}}.
+0): {"task", "split", "num_examples", "losses": {NAME: [loss per example]},
+"kv_head_similarity": {MODEL: {kernel: mean pairwise cosine of its heads}}} (the multi-head
+models the run pre-trained: how alike the heads that conversion pools are; read here, in a
+stage, because the runner itself never starts a JAX backend).
 """
 import argparse
 import sys
@@ -20,6 +24,8 @@ from typing import Dict, List
 import numpy as np
 
 from gqa_flax import errors, pod
+from gqa_flax.checkpoints.convert import kv_head_similarity
+from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.reproduce.timing import write_json
 from gqa_flax.training import data_pipeline, evaluation
 from gqa_flax.training.partitioning import Partitioner
@@ -46,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, required=True)
   parser.add_argument("--num_partitions", type=int, default=1)
   parser.add_argument("--score", action="append", required=True, metavar="NAME=CHECKPOINT")
+  parser.add_argument("--similarity", action="append", default=[], metavar="MODEL=CHECKPOINT",
+                      help="a multi-head checkpoint whose key/value heads' similarity to report")
   pod.add_flags(parser)
   return parser.parse_args(argv)
 
@@ -70,8 +78,11 @@ def main(argv=None) -> int:
       print(f"{name}: held-out loss {np.mean(losses[name]):.4f} on {args.num_examples} "
             f"{cfg.split} examples of {cfg.mixture_or_task_name}", flush=True)
     if pod.is_writer():
+      similarity = {model: kv_head_similarity(open_checkpoint(checkpoint)) for model, checkpoint
+                    in (spec.split("=", 1) for spec in args.similarity)}
       write_json(args.output, {"task": cfg.mixture_or_task_name, "split": cfg.split,
-                               "num_examples": args.num_examples, "losses": losses})
+                               "num_examples": args.num_examples, "losses": losses,
+                               "kv_head_similarity": similarity})
   except errors.UserError as e:
     pod.fail("gqa_flax.reproduce.heldout", errors.one_line(e))
   return 0

@@ -15,8 +15,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from etils import epath
 
-from gqa_flax.checkpoints.convert import kv_head_similarity
-from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.reproduce import baselines, claims, statistics
 from gqa_flax.reproduce.evaluate import run_output_dir
 from gqa_flax.reproduce.presets import Variant
@@ -155,18 +153,22 @@ def last_quarter_drop(curve: dict) -> Optional[float]:
   return (losses[start] - losses[-1]) / losses[start]
 
 
-def pretrained_models(plan: Plan) -> Dict[str, dict]:
-  """What the run pre-trained itself, per model: its curve (`pretraining_curve`) and how alike
-  its decoder's key/value heads are ('kv_head_similarity': mean pairwise cosine per kernel,
-  'mean_kv_head_similarity': their mean)."""
+def pretrained_models(plan: Plan, records: Dict[str, dict]) -> Dict[str, dict]:
+  """What the run pre-trained itself, per model: its curve (`pretraining_curve`) and, as the
+  held-out stage measured it, how alike its decoder's key/value heads are
+  ('kv_head_similarity': mean pairwise cosine per kernel, 'mean_kv_head_similarity': their
+  mean; absent without a held-out stage)."""
+  measured = ((records.get("heldout") or {}).get("result") or {}).get("kv_head_similarity", {})
   models = {}
-  for model in sorted({v.model for v in plan.preset.variants} - set(plan.preset.checkpoints)):
+  for model in plan.pretrains():
     curve = pretraining_curve(plan.run_dir(f"pretrain-{model}"))
     if curve is None:
       continue
-    similarity = kv_head_similarity(open_checkpoint(plan.pretrained(model)))
-    models[model] = {**curve, "kv_head_similarity": similarity,
-                     "mean_kv_head_similarity": float(np.mean(list(similarity.values())))}
+    models[model] = curve
+    if measured.get(model):
+      similarity = measured[model]
+      models[model].update(kv_head_similarity=similarity, mean_kv_head_similarity=float(
+          np.mean(list(similarity.values()))))
   return models
 
 
@@ -212,7 +214,7 @@ def build_table(plan: Plan, records: Dict[str, dict], seconds: Optional[float]) 
           "rows": [row(plan, v, records, by_key, measured) for v in p.finetune_variants],
           "heldout": heldout, "fig6": fig6,
           "fig6_kv_bound": (records.get("fig6-timing-kv-bound") or {}).get("result"),
-          "pretraining": pretrained_models(plan),
+          "pretraining": pretrained_models(plan, records),
           "paper": PAPER_TABLE1}
 
 
@@ -300,9 +302,10 @@ def to_markdown(table: dict) -> str:
                   f"{e['method'] or '-'} | {_interval_md(e)} | {e['seeds']} x {e['examples']} |"
                   for e in table["heldout"]]
   for model, curve in table.get("pretraining", {}).items():
-    lines += ["", f"Pre-trained {model}: its decoder's key/value heads have a mean pairwise "
-              f"cosine similarity of {curve['mean_kv_head_similarity']:.3f} (0: unrelated "
-              "heads, 1: identical)."]
+    lines += ["", f"Pre-trained {model}."]
+    if "mean_kv_head_similarity" in curve:
+      lines[-1] += (f" Its decoder's key/value heads have a mean pairwise cosine similarity of "
+                    f"{curve['mean_kv_head_similarity']:.3f} (0: unrelated heads, 1: identical).")
     drop = last_quarter_drop(curve)
     if drop is not None:
       lines[-1] += (f" Held-out loss (pretraining.png) {curve['heldout_loss'][0]:.3f} at step "

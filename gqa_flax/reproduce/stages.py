@@ -74,6 +74,10 @@ class Plan:
   def _step_dir(self, run: str, step: int) -> str:
     return os.path.join(self.run_dir(run), f"checkpoint_{step}")
 
+  def pretrains(self) -> List[str]:
+    """The models this run pre-trains itself (those the preset gives no checkpoint of)."""
+    return sorted({v.model for v in self.preset.variants} - set(self.preset.checkpoints))
+
   def pretrained(self, model: str) -> str:
     return self.preset.checkpoints.get(model) or self._step_dir(
         f"pretrain-{model}", self.preset.pretrain_steps)
@@ -127,11 +131,10 @@ class Plan:
       add(Stage("prepare", _module("gqa_flax.data.prepare", "--mini", f"--data_dir={self.data_dir}",
                                    *(f"--{k}={val}" for k, val in sorted(p.prepare.items()))),
                 writer_only=True))
-    for model in sorted({v.model for v in p.variants}):
-      if model not in p.checkpoints:
-        mha = Variant(model, None, 0.0, "mean")
-        add(Stage(f"pretrain-{model}", self._train(mha, p.pretrain_gin, f"pretrain-{model}",
-                                                   p.pretrain_steps, None)))
+    for model in self.pretrains():
+      mha = Variant(model, None, 0.0, "mean")
+      add(Stage(f"pretrain-{model}", self._train(mha, p.pretrain_gin, f"pretrain-{model}",
+                                                 p.pretrain_steps, None)))
     for seed in p.seeds:
       for v in p.variants:
         if v.kv_heads is None:
@@ -213,7 +216,9 @@ class Plan:
         f"--num_examples={p.heldout_examples}", f"--batch_size={p.heldout_batch_size}",
         f"--num_partitions={p.decode_partitions}",
         *(f"--score={name}={checkpoint}"
-          for name, checkpoint in self.heldout_checkpoints().items())), result)
+          for name, checkpoint in self.heldout_checkpoints().items()),
+        *(f"--similarity={model}={self.pretrained(model)}" for model in self.pretrains())),
+        result)
 
   def env(self) -> Dict[str, str]:
     """The stages' environment: the mini corpus' data dir when this run prepares one, the
