@@ -60,16 +60,16 @@ def _assert_same_params(a, b):
     np.testing.assert_allclose(flat_a[name], flat_b[name], rtol=1e-5, atol=1e-6, err_msg=str(name))
 
 
-def _expected_target_tokens(data_rows, steps):
-  """Target tokens of each step's global batch, read independently of the trainer: row r's
-  BATCH_SIZE / data_rows examples from shard r of data_rows, rows concatenated."""
-  per_row = BATCH_SIZE // data_rows
+def _expected_target_tokens(data_shards, steps):
+  """Target tokens of each step's global batch, read independently of the trainer: shard r's
+  BATCH_SIZE / data_shards examples from shard r of data_shards, shards concatenated."""
+  per_row = BATCH_SIZE // data_shards
   rows = []
-  for r in range(data_rows):
+  for r in range(data_shards):
     ds = seqio.get_dataset(
         training_task.TASK_NAME, LENGTHS, dataset_split="train", shuffle=True, seed=0, num_epochs=None,
         feature_converter=seqio.EncDecFeatureConverter(pack=True),
-        shard_info=seqio.ShardInfo(r, data_rows)).batch(per_row, drop_remainder=True)
+        shard_info=seqio.ShardInfo(r, data_shards)).batch(per_row, drop_remainder=True)
     rows.append([batch["decoder_loss_weights"].sum()
                  for batch in ds.take(steps).as_numpy_iterator()])
   return [float(sum(row[step] for row in rows)) for step in range(steps)]
@@ -85,18 +85,23 @@ def trained_tiny(tmp_path_factory):
   return model_dir
 
 
-@pytest.mark.parametrize("num_partitions", [2, 8])
-def test_pod_training_equals_one_process(tmp_path, num_partitions):
+@pytest.mark.parametrize("num_partitions,num_data_shards,single_devices",
+                         [(2, None, 8), (8, None, 8), (2, 1, 1)])
+def test_pod_training_equals_one_process(tmp_path, num_partitions, num_data_shards,
+                                         single_devices):
   """NUM_PARTITIONS 2 (4 data rows, 2 per host) and 8 (the model axis spans both hosts, which
-  read the same data): the same losses, batches and params as one process with 8 devices."""
+  read the same data): the same losses, batches and params as one process with 8 devices;
+  with one data shard (the reproduction's setting), as one process with one device."""
   single, pod_dir = tmp_path / "single", tmp_path / "pod"
-  job = pod.Pod(_train_argv(pod_dir, num_partitions))
-  pod.run_single(_train_argv(single, num_partitions), TIMEOUT)
+  shards = [] if num_data_shards is None else [f"Partitioner.num_data_shards = {num_data_shards}"]
+  job = pod.Pod(_train_argv(pod_dir, num_partitions, extra=shards))
+  pod.run_single(_train_argv(single, num_partitions if single_devices == 8 else 1, extra=shards),
+                 TIMEOUT, devices=single_devices)
   job.wait(TIMEOUT)
 
   pod_losses, single_losses = _losses(pod_dir), _losses(single)
   assert [row["step"] for row in _metrics(pod_dir) if "loss" in row] == list(range(1, STEPS + 1))
-  expected_tokens = _expected_target_tokens(8 // num_partitions, STEPS)
+  expected_tokens = _expected_target_tokens(num_data_shards or 8 // num_partitions, STEPS)
   for step in range(1, STEPS + 1):
     np.testing.assert_allclose(pod_losses[step]["loss"], single_losses[step]["loss"], rtol=1e-5)
     assert pod_losses[step]["num_target_tokens"] == expected_tokens[step - 1]
