@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -427,3 +428,19 @@ def test_ctrl_c_stops_the_run_with_one_line_and_leaves_no_process(tmp_path):
   time.sleep(1)
   with pytest.raises(ProcessLookupError):
     os.killpg(run.pid, 0)  # nothing left in its process group
+
+
+def test_a_rerun_removes_the_stage_logs_that_dead_runners_left(tmp_path, monkeypatch):
+  """A host killed with SIGKILL leaves its stage's host-local log directory; the next run on
+  the host removes those whose runner is dead and keeps a live runner's."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  left = tmp_path / f"gqa_reproduce_{dead.pid}_abc"
+  live = tmp_path / f"gqa_reproduce_{os.getpid()}_def"
+  other = tmp_path / "gqa_reproduce_notapid"
+  for directory in (left, live, other):
+    directory.mkdir()
+    (directory / "log.txt").write_text("stage output\n")
+  runner.remove_dead_runners_logs()
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])

@@ -54,7 +54,7 @@ from etils import epath
 from flax.linen import meta
 from tqdm import tqdm
 
-from gqa_flax import errors
+from gqa_flax import errors, processes
 from gqa_flax.checkpoints import align, orbax_format, paths
 from gqa_flax.checkpoints.arrays import LazyArray, mapped, unflatten
 from gqa_flax.checkpoints.reader import CheckpointSource, open_checkpoint
@@ -339,22 +339,12 @@ def discard_temporary_at_exit(dst: str) -> None:
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # another user's live process
-    return True
-  return True
-
-
 def _remove_stale_temporaries(dst: str) -> None:
   """Removes the temporary siblings of DST whose writer, a process of this host, is dead (a
   conversion killed by SIGKILL or a crash)."""
   for path in glob.glob(f"{glob.escape(dst)}.tmp-*"):
     match = re.fullmatch(rf"{re.escape(dst)}\.tmp-(.+)-(\d+)", path)
-    if match and match.group(1) == socket.gethostname() and not _alive(int(match.group(2))):
+    if match and match.group(1) == socket.gethostname() and not processes.alive(int(match.group(2))):
       shutil.rmtree(path, ignore_errors=True)
 
 

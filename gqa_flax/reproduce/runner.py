@@ -16,8 +16,11 @@ ends each stage. When a host is gone (killed, lost), the others end their stage'
 and exit with one line within a minute (`pod.watch_for_failures`); rerunning the command on
 every host resumes.
 """
+import glob
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,13 +29,14 @@ from typing import Dict, List, Optional, Tuple
 
 from etils import epath
 
-from gqa_flax import pod
+from gqa_flax import pod, processes
 from gqa_flax.reproduce.forkserver import ForkedProcess, ForkServer
 from gqa_flax.reproduce.stages import Plan, Stage
 from gqa_flax.reproduce.timing import write_json
 
 DONE = "DONE.json"
 LOG = "log.txt"
+_LOCAL_PREFIX = "gqa_reproduce_"  # + runner pid: a stage's host-local log directory
 
 
 class StageError(RuntimeError):
@@ -114,11 +118,20 @@ def _run_command(server: ForkServer, argv: List[str], log: str, name: str,
     _running.remove(process)
 
 
+def remove_dead_runners_logs() -> None:
+  """Removes the host-local log directories of runners that are gone without removing them
+  (a host killed with SIGKILL); those of live runners stay."""
+  for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_LOCAL_PREFIX}*_*")):
+    match = re.fullmatch(rf"{_LOCAL_PREFIX}(\d+)_.+", os.path.basename(path))
+    if match and not processes.alive(int(match.group(1))):
+      shutil.rmtree(path, ignore_errors=True)
+
+
 def run_stage(plan: Plan, server: ForkServer, stage: Stage, heartbeat: float, index: int = 0,
               pod_flags: Optional[dict] = None) -> dict:
   """Runs `stage`'s command (on every host of a pod); writes and returns its DONE record;
   raises StageError on every host when it failed on any."""
-  with tempfile.TemporaryDirectory(prefix="gqa_reproduce_") as local_dir:
+  with tempfile.TemporaryDirectory(prefix=f"{_LOCAL_PREFIX}{os.getpid()}_") as local_dir:
     return _run_stage(plan, server, stage, heartbeat, index, pod_flags,
                       os.path.join(local_dir, LOG))
 
@@ -179,6 +192,7 @@ def run_all(plan: Plan, heartbeat: float = 30.0, pod_flags: Optional[dict] = Non
   """Runs every stage not done yet; returns stage name -> DONE record. On a pod, call it on
   every host with the same plan and `pod_flags` (the runner's own, see module docstring)."""
   stages = plan.stages()
+  remove_dead_runners_logs()
   pod.at_failure(_kill_running)
   left = pod.broadcast("stages/left", [s.name for s in stages
                                        if pod.is_writer() and done_record(plan, s.name) is None])
