@@ -36,6 +36,7 @@ _TIMEOUT_MS = 3_600_000  # a barrier waits up to an hour (a stage's conversion a
 _FAILED_KEY = "gqa_flax/failed"  # {'process', 'message'} of the first process that failed
 _WATCH_PERIOD_S = 0.5
 _ACK_MS = 10_000  # how long a failing process waits for the others to have read its failure
+_EXIT_GRACE_S = 1.0  # and then for them to exit, before it takes the service down with it
 _ALIVE_KEY = "gqa_flax/alive"  # /<process>: a beat count, or 'exited' once it ended cleanly
 _EXITED = "exited"
 _SILENT_S = 30.0  # a peer whose beat stopped this long is gone
@@ -163,10 +164,18 @@ def at_failure(cleanup: Callable[[], None]) -> None:
     _at_failure.append(cleanup)
 
 
-def _end(line: str) -> NoReturn:
+def _end(line: str, acknowledge: Optional[Callable[[], None]] = None) -> NoReturn:
+  """Prints `line`, runs the cleanups, tells the failed process it may go (`acknowledge`:
+  last, so that process 0 does not take the coordination service down while this process
+  still runs, which jax.distributed answers with an abort) and exits 1."""
   print(line, file=sys.stderr, flush=True)
   for cleanup in _at_failure:
     cleanup()
+  if acknowledge is not None:
+    try:
+      acknowledge()
+    except Exception:  # pylint: disable=broad-except  (the service has gone already)
+      pass
   os._exit(1)  # pylint: disable=protected-access
 
 
@@ -221,10 +230,13 @@ def watch_for_failures(prog: str) -> None:
       if failure["process"] == me:
         stop.set()
         return
-      client.key_value_set(f"{_FAILED_KEY}/seen/{me}", "1")
-      if is_writer():  # process 0 holds the service: the others must read the failure first
+      seen = lambda: client.key_value_set(f"{_FAILED_KEY}/seen/{me}", "1")
+      line = _failure_line(prog, failure["message"], failure["process"])
+      if is_writer():  # process 0 holds the service: the others must be done with it first
+        seen()
         _await_seen(client, skip=(me, failure["process"]))
-      _end(_failure_line(prog, failure["message"], failure["process"]))
+        _end(line)
+      _end(line, acknowledge=seen)
     silent = peers.silent(client, time.monotonic())
     if silent is not None:
       _end(_failure_line(prog, f"a process stopped responding for {_SILENT_S:.0f} s (killed, "
@@ -280,13 +292,15 @@ def fail(prog: str, message: str) -> NoReturn:
 
 
 def _await_seen(client, skip) -> None:
-  """Waits (a few seconds at most) until every process not in `skip` has read the failure."""
+  """Waits (a few seconds at most) until every process not in `skip` has read the failure
+  and is about to exit (it acknowledges last), and a moment more for those exits."""
   for other in range(process_count()):
     if other not in skip:
       try:
         client.blocking_key_value_get(f"{_FAILED_KEY}/seen/{other}", _ACK_MS)
       except Exception:  # pylint: disable=broad-except  (it is gone already)
         pass
+  time.sleep(_EXIT_GRACE_S)
 
 
 def broadcast(name: str, value: Any = None, timeout_ms: int = _TIMEOUT_MS) -> Any:

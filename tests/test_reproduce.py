@@ -420,8 +420,9 @@ def test_ctrl_c_stops_the_run_with_one_line_and_leaves_no_process(tmp_path):
       break
   run.stdout.readline()  # its first heartbeat: the stage is running
   os.killpg(run.pid, signal.SIGINT)
-  assert run.wait(timeout=60) == 130
+  code = run.wait(timeout=60)
   err = run.stderr.read().strip()
+  assert code == 130, err[-3000:]
   assert err.splitlines()[-1].startswith("gqa-reproduce: interrupted") and \
       "Traceback" not in err, err[-3000:]
   assert not (tmp_path / "out" / "stages" / "prepare" / "DONE.json").exists()

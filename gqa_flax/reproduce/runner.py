@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,8 @@ def _run_stage(plan: Plan, server: ForkServer, stage: Stage, heartbeat: float, i
   if pod.is_writer():
     directory.mkdir(parents=True, exist_ok=True)
     log.write_text(epath.Path(local_log).read_text())
+  if -signal.SIGINT in codes:  # Ctrl-C reached the stage before this process saw it
+    raise KeyboardInterrupt(f"stage {stage.name} interrupted")
   if any(codes):
     failed = [i for i, c in enumerate(codes) if c]
     last = _last_line(local_log) if os.path.exists(local_log) else ""
