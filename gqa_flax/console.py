@@ -16,7 +16,7 @@ import importlib
 import os
 import sys
 import tempfile
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 _TPU_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*")  # TPU v2-v4; v5e and later
 _GPU_DEVICES = ("/dev/nvidia[0-9]*",)
@@ -41,28 +41,33 @@ _TENSORFLOW_GPU_LINES = ("cudart_stub.cc", "All log messages before absl::Initia
 
 @contextlib.contextmanager
 def quiet_tensorflow_start() -> Iterator[None]:
-  """Runs the block (imports) with file descriptor 2 in a temporary file; if TensorFlow was
-  imported, hides the GPUs from it (it only runs tf.data; T5X does the same), which makes it
-  probe CUDA now rather than at its first op; then writes what was printed back to stderr
-  without TensorFlow's GPU lines. Nothing is dropped when TF_CPP_MIN_LOG_LEVEL is 0."""
-  if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0":
+  """Runs the block (imports); if TensorFlow was imported, hides the GPUs from it (it only
+  runs tf.data; T5X does the same), which makes it probe CUDA now rather than at its first op.
+  What both print goes to stderr without TensorFlow's GPU lines, unless TF_CPP_MIN_LOG_LEVEL
+  is 0 (everything kept)."""
+  keep_all = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0"
+  with contextlib.nullcontext() if keep_all else _stderr_without(_TENSORFLOW_GPU_LINES):
     yield
     _hide_gpus_from_tensorflow()
-    return
+
+
+@contextlib.contextmanager
+def _stderr_without(markers: Sequence[str]) -> Iterator[None]:
+  """Runs the block with file descriptor 2 (C++ libraries' output too) in a temporary file,
+  then writes its lines to stderr, less those containing one of `markers`."""
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as captured:
     os.dup2(captured.fileno(), 2)
     try:
       yield
-      _hide_gpus_from_tensorflow()
     finally:
       sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
       captured.seek(0)
       for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-        if not any(marker in line for marker in _TENSORFLOW_GPU_LINES):
+        if not any(marker in line for marker in markers):
           sys.stderr.write(line)
       sys.stderr.flush()
 

@@ -236,7 +236,8 @@ def watch_for_failures(prog: str) -> None:
         seen()
         _await_seen(client, skip=(me, failure["process"]))
         _end(line)
-      _end(line, acknowledge=seen)
+      else:
+        _end(line, acknowledge=seen)
     silent = peers.silent(client, time.monotonic())
     if silent is not None:
       _end(_failure_line(prog, f"a process stopped responding for {_SILENT_S:.0f} s (killed, "
@@ -293,14 +294,16 @@ def fail(prog: str, message: str) -> NoReturn:
 
 def _await_seen(client, skip) -> None:
   """Waits (a few seconds at most) until every process not in `skip` has read the failure
-  and is about to exit (it acknowledges last), and a moment more for those exits."""
+  and is about to exit (it acknowledges last); process 0, whose exit takes the coordination
+  service down, then waits a moment more for those exits."""
   for other in range(process_count()):
     if other not in skip:
       try:
         client.blocking_key_value_get(f"{_FAILED_KEY}/seen/{other}", _ACK_MS)
       except Exception:  # pylint: disable=broad-except  (it is gone already)
         pass
-  time.sleep(_EXIT_GRACE_S)
+  if is_writer():
+    time.sleep(_EXIT_GRACE_S)
 
 
 def broadcast(name: str, value: Any = None, timeout_ms: int = _TIMEOUT_MS) -> Any:

@@ -355,19 +355,25 @@ def test_a_conversion_stopped_while_writing_leaves_only_what_it_finished(tmp_pat
     np.testing.assert_array_equal(got.arrays[name].read(), array.read(), err_msg=name)
 
 
-@pytest.mark.slow
-def test_the_installed_script_picks_the_cpu_without_libtpu_lines(tmp_path):
-  """With JAX_PLATFORMS unset on a machine without an accelerator, the console script itself
-  chooses the CPU backend: an installed libtpu prints nothing."""
+def _run_installed(prog, args, unset, cwd=None):
+  """The installed console script `prog` with the suite's environment less the variables
+  `unset` (what a user's shell may lack); skipped where an accelerator is attached."""
   from gqa_flax import console  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=protected-access
   if console._attached(console._TPU_DEVICES + console._GPU_DEVICES):
     pytest.skip("an accelerator is attached")
-  script = os.path.join(os.path.dirname(sys.executable), "gqa-convert")
-  env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
-  result = subprocess.run([script, "--src", T5X_TINY, "--dst", str(tmp_path / "mqa"),
-                           "--num_kv_heads", "1"], env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+  script = os.path.join(os.path.dirname(sys.executable), prog)
+  env = {k: v for k, v in _env().items() if k not in unset}
+  return subprocess.run([script, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+@pytest.mark.slow
+def test_the_installed_script_picks_the_cpu_without_libtpu_lines(tmp_path):
+  """With JAX_PLATFORMS unset on a machine without an accelerator, the console script itself
+  chooses the CPU backend: an installed libtpu prints nothing."""
+  result = _run_installed("gqa-convert", ["--src", T5X_TINY, "--dst", str(tmp_path / "mqa"),
+                                          "--num_kv_heads", "1"], unset=["JAX_PLATFORMS"])
   assert result.returncode == 0, result.stderr[-2000:]
   assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr[-2000:]
 
@@ -379,14 +385,8 @@ def test_the_installed_script_without_a_run_file_says_so_in_one_line(prog, missi
   """A model gin file alone: one line naming what is not set and the fix; nothing from
   TensorFlow's GPU support (cudart stub, cuInit) on a machine without a GPU, at the default
   log level."""
-  from gqa_flax import console  # pylint: disable=import-outside-toplevel
-  # pylint: disable-next=protected-access
-  if console._attached(console._TPU_DEVICES + console._GPU_DEVICES):
-    pytest.skip("an accelerator is attached")
-  script = os.path.join(os.path.dirname(sys.executable), prog)
-  env = {k: v for k, v in _env().items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
-  result = subprocess.run([script, "--gin_file=models/t5_1_1/tiny.gin"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
+  result = _run_installed(prog, ["--gin_file=models/t5_1_1/tiny.gin"],
+                          unset=["JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL"], cwd=ROOT)
   assert result.returncode == 1
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: gin: {missing}") and \

@@ -63,16 +63,16 @@ def _assert_same_params(a, b):
 def _expected_target_tokens(data_shards, steps):
   """Target tokens of each step's global batch, read independently of the trainer: shard r's
   BATCH_SIZE / data_shards examples from shard r of data_shards, shards concatenated."""
-  per_row = BATCH_SIZE // data_shards
-  rows = []
+  per_shard = BATCH_SIZE // data_shards
+  shards = []
   for r in range(data_shards):
     ds = seqio.get_dataset(
         training_task.TASK_NAME, LENGTHS, dataset_split="train", shuffle=True, seed=0, num_epochs=None,
         feature_converter=seqio.EncDecFeatureConverter(pack=True),
-        shard_info=seqio.ShardInfo(r, data_shards)).batch(per_row, drop_remainder=True)
-    rows.append([batch["decoder_loss_weights"].sum()
-                 for batch in ds.take(steps).as_numpy_iterator()])
-  return [float(sum(row[step] for row in rows)) for step in range(steps)]
+        shard_info=seqio.ShardInfo(r, data_shards)).batch(per_shard, drop_remainder=True)
+    shards.append([batch["decoder_loss_weights"].sum()
+                   for batch in ds.take(steps).as_numpy_iterator()])
+  return [float(sum(shard[step] for shard in shards)) for step in range(steps)]
 
 
 @pytest.fixture(scope="module")

@@ -344,7 +344,8 @@ def _remove_stale_temporaries(dst: str) -> None:
   conversion killed by SIGKILL or a crash)."""
   for path in glob.glob(f"{glob.escape(dst)}.tmp-*"):
     match = re.fullmatch(rf"{re.escape(dst)}\.tmp-(.+)-(\d+)", path)
-    if match and match.group(1) == socket.gethostname() and not processes.alive(int(match.group(2))):
+    if (match and match.group(1) == socket.gethostname()
+        and not processes.alive(int(match.group(2)))):
       shutil.rmtree(path, ignore_errors=True)
 
 

@@ -1,7 +1,7 @@
 """Held-out loss stage: every checkpoint's teacher-forced loss on the same held-out examples.
 
   python -m gqa_flax.reproduce.heldout --output FILE --task_gin GIN --split validation \\
-    --num_examples 256 --batch_size 32 [--num_partitions P] --score NAME=CHECKPOINT [...] \
+    --num_examples 256 --batch_size 32 [--num_partitions P] --score NAME=CHECKPOINT [...] \\
     [--similarity MODEL=CHECKPOINT ...]
 
 The examples are the split's first `num_examples` (unshuffled, unpacked, the task's own
@@ -42,6 +42,11 @@ def heldout_losses(checkpoint: str, cfg: data_pipeline.DatasetConfig, num_exampl
   return losses
 
 
+def _named(specs: List[str]) -> Dict[str, str]:
+  """{NAME: CHECKPOINT} of NAME=CHECKPOINT flag values."""
+  return dict(spec.split("=", 1) for spec in specs)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = errors.ArgumentParser(prog="gqa_flax.reproduce.heldout", description=__doc__)
   parser.add_argument("--output", required=True)
@@ -65,7 +70,7 @@ def main(argv=None) -> int:
     if args.num_examples < 1 or args.num_examples % args.batch_size:
       raise errors.UserError(f"--num_examples={args.num_examples} must be a positive multiple "
                              f"of --batch_size={args.batch_size}")
-    scores = dict(spec.split("=", 1) for spec in args.score)
+    scores = _named(args.score)
     cfg = data_pipeline.from_task_gin(args.task_gin, args.split, args.batch_size)
     partitioner = Partitioner(args.num_partitions)
     by_checkpoint: Dict[str, List[float]] = {}  # a checkpoint named twice is scored once
@@ -78,8 +83,8 @@ def main(argv=None) -> int:
       print(f"{name}: held-out loss {np.mean(losses[name]):.4f} on {args.num_examples} "
             f"{cfg.split} examples of {cfg.mixture_or_task_name}", flush=True)
     if pod.is_writer():
-      similarity = {model: kv_head_similarity(open_checkpoint(checkpoint)) for model, checkpoint
-                    in (spec.split("=", 1) for spec in args.similarity)}
+      similarity = {model: kv_head_similarity(open_checkpoint(checkpoint))
+                    for model, checkpoint in _named(args.similarity).items()}
       write_json(args.output, {"task": cfg.mixture_or_task_name, "split": cfg.split,
                                "num_examples": args.num_examples, "losses": losses,
                                "kv_head_similarity": similarity})

@@ -164,11 +164,9 @@ def pretrained_models(plan: Plan, records: Dict[str, dict]) -> Dict[str, dict]:
     curve = pretraining_curve(plan.run_dir(f"pretrain-{model}"))
     if curve is None:
       continue
-    models[model] = curve
-    if measured.get(model):
-      similarity = measured[model]
-      models[model].update(kv_head_similarity=similarity, mean_kv_head_similarity=float(
-          np.mean(list(similarity.values()))))
+    similarity = measured.get(model)
+    models[model] = {**curve, "kv_head_similarity": similarity, "mean_kv_head_similarity": float(
+        np.mean(list(similarity.values())))} if similarity else curve
   return models
 
 
