@@ -27,6 +27,19 @@ def _files(name):
   return PREFIX.get(group, []) + [name]
 
 
+def _parameter_count(model) -> int:
+  """Counts the parameters of the model's abstract init (nothing allocated)."""
+  boxed = trainer.abstract_params(model, {"encoder_input_tokens": (1, 1),
+                                          "decoder_input_tokens": (1, 1)})
+  leaves = jax.tree.leaves(trainer.nn.meta.unbox(boxed))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
+  return sum(int(np.prod(x.shape)) for x in leaves)
+
+
+# Tracing an XXL init takes ~2 s; the 47 files bind 16 configs, each traced once.
+_COUNTS = {}
+
+
 def _parse(files):
   gin.clear_config()
   gin_utils.parse_gin(files, [])
@@ -39,11 +52,10 @@ def test_gin_file_parses_and_builds_model(name):
     gin.clear_config()
     return
   model = gin.query_parameter("%MODEL").scoped_configurable_fn()
-  boxed = trainer.abstract_params(model, {"encoder_input_tokens": (1, 1),
-                                          "decoder_input_tokens": (1, 1)})
-  leaves = jax.tree.leaves(trainer.nn.meta.unbox(boxed))
-  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
-  count = sum(int(np.prod(x.shape)) for x in leaves)
+  key = (type(model), model.config)
+  if key not in _COUNTS:
+    _COUNTS[key] = _parameter_count(model)
+  count = _COUNTS[key]
   cfg = model.config
   if "xxl" in name or "attention" in name:
     kv_saved = 2 * cfg.num_decoder_layers * 2 * cfg.emb_dim * (cfg.num_heads - cfg.num_kv_heads) * cfg.head_dim

@@ -5,6 +5,7 @@ every shard: the hosts of any mesh, each keeping its rows, must put together exa
 batches. With `num_data_shards = 1` that is what one device reads (the reproduction's setting:
 its tables do not depend on the number of devices or hosts).
 """
+import functools
 import itertools
 
 import numpy as np
@@ -19,6 +20,7 @@ BATCH = 8
 LENGTHS = {"inputs": 32, "targets": 32}
 
 
+@functools.lru_cache(maxsize=None)  # equal layouts read equal batches (several tests share)
 def _batches(layout: DataLayout, count: int = 2):
   cfg = data_pipeline.DatasetConfig(training_task.TASK_NAME, LENGTHS, batch_size=BATCH, seed=0)
   batches = data_pipeline.as_numpy(data_pipeline.get_dataset(cfg, layout))

@@ -13,7 +13,7 @@ import pytest
 from gqa_flax.reproduce.forkserver import PRELOAD, ForkServer, ServerError
 
 PROBE = textwrap.dedent('''\
-    import atexit, sys, threading, time
+    import atexit, json, sys, threading, time
     from absl import flags
     from jax._src import xla_bridge
     flags.DEFINE_string("probe_flag", "x", "defined at import, as a stage module's flags are")
@@ -27,6 +27,8 @@ PROBE = textwrap.dedent('''\
       raise ValueError("probe failed")
     elif sys.argv[1] == "sleep":
       time.sleep(120)
+    elif sys.argv[1] == "modules":
+      print("modules:", json.dumps(sorted(sys.modules)))
     elif sys.argv[1] == "exit":
       sys.exit(int(sys.argv[2]))
     ''')
@@ -91,16 +93,16 @@ def test_stage_can_be_killed_and_server_goes_on(server, tmp_path):
   assert _forked(server, tmp_path, "exit", "5")[0] == 5
 
 
-def test_server_preloads_no_stage_module():
+def test_server_preloads_no_stage_module(server, tmp_path):
+  """A stage finds what the server imported (PRELOAD) and no stage module: each stage imports
+  its own command afresh."""
   stage_modules = {"gqa_flax.train", "gqa_flax.convert", "gqa_flax.data.prepare",
                    "gqa_flax.reproduce.heldout", "gqa_flax.reproduce.evaluate",
                    "gqa_flax.reproduce.timing"}
-  code = ("import importlib, sys; from gqa_flax.reproduce.forkserver import PRELOAD; "
-          "[importlib.import_module(m) for m in PRELOAD]; "
-          "print(sorted(m for m in sys.modules if m.startswith('gqa_flax')))")
-  loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, timeout=120).stdout
-  assert PRELOAD and not [m for m in stage_modules if f"'{m}'" in loaded], loaded
+  code, output = _forked(server, tmp_path, "modules")
+  line, = [l for l in output.splitlines() if l.startswith("modules: ")]
+  loaded = set(json.loads(line[len("modules: "):]))
+  assert code == 0 and set(PRELOAD) <= loaded and not stage_modules & loaded, output
 
 
 def test_a_dead_server_is_named(probe_env, tmp_path):
