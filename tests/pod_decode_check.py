@@ -2,7 +2,9 @@
 
 For MHA, GQA-2 and MQA (8 query heads) and NUM_PARTITIONS 4 and 8: greedy and beam tokens of
 the partitioned `Predictor` and of single-device decoding (the same params on one local
-device), and how the params and caches are laid out; then a batch of 3 on a data axis of 8.
+device), and how the params and caches are laid out; the same with batch-partitioned
+attention (`kv_batch_partitioned`) where the model axis does not divide the K/V heads; then a
+batch of 3 on a data axis of 8.
 Prints one JSON line per case (process 0 only, after checking that every process decoded the
 same tokens).
 """
@@ -63,11 +65,12 @@ def _single_device(kv_heads: int):
           np.asarray(decoding.beam_search(module, params, inputs, DECODE_LEN, BEAMS)[0][:, 0]))
 
 
-def check(kv_heads: int, num_partitions: int) -> dict:
+def check(kv_heads: int, num_partitions: int, kv_batch_partitioned: bool = False) -> dict:
   config = _config(kv_heads)
   model = EncoderDecoderModel(config)
   inputs = _inputs(config.vocab_size)
-  partitioned = predictor.from_host_params(model, _params(config), Partitioner(num_partitions))
+  partitioned = predictor.from_host_params(
+      model, _params(config), Partitioner(num_partitions, kv_batch_partitioned=kv_batch_partitioned))
   greedy = partitioned.predict(inputs, DECODE_LEN)
   beam = partitioned.predict(inputs, DECODE_LEN, beam_size=BEAMS)
   ref_greedy, ref_beam = _single_device(kv_heads)
@@ -87,6 +90,8 @@ def check(kv_heads: int, num_partitions: int) -> dict:
           "query_kernel_fully_held": _fully_held(q_kernel),
           "key_kernel_fully_held": _fully_held(kv_kernel),
           "self_cache_shape": list(self_key.shape),
+          "self_cache_rows_per_device": self_key.addressable_shards[0].data.shape[0],
+          "cross_cache_rows_per_device": cross_key.addressable_shards[0].data.shape[0],
           "self_cache_spec": [str(a) for a in self_key.sharding.spec],
           "self_cache_fully_held": _fully_held(self_key),
           "cross_cache_fully_held": _fully_held(cross_key)}
@@ -113,6 +118,11 @@ def main(argv):
       result = check(kv_heads, num_partitions)
       if pod.is_writer():
         print("RESULT " + json.dumps(result), flush=True)
+  # Batch-partitioned attention (Pope et al.): K/V heads the model axis does not divide.
+  for num_partitions, kv_heads in ((4, 1), (8, 1), (8, 2)):
+    result = check(kv_heads, num_partitions, kv_batch_partitioned=True)
+    if pod.is_writer():
+      print("SPLIT " + json.dumps(result), flush=True)
   uneven = check_uneven_batch(2, rows=3)
   if pod.is_writer():
     print("UNEVEN " + json.dumps(uneven), flush=True)

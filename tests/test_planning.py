@@ -5,6 +5,8 @@ shards' bytes, at most those bytes with the two minor dims padded to TPU tiles (
 32-bit, 16 x 128 for 16-bit; XLA may pick a layout that pads less). Flops are checked against
 the analytic matmul + attention count (training = 3 x forward).
 """
+import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -23,7 +25,8 @@ from gqa_flax.planning import decode_plan, search, train_plan
 from gqa_flax.planning.compiled import CompiledStep
 from gqa_flax.planning.job import Job
 from gqa_flax.planning.topology import TopologyPartitioner, get_topology
-from gqa_flax.training import gin_utils, trainer
+from gqa_flax.training import gin_utils, predictor, trainer
+from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 
 INPUTS, TARGETS, BATCH, PARTITIONS = 32, 8, 8, 2
 
@@ -112,7 +115,8 @@ def test_train_step_memory_and_flops(job, topology):
 
 def test_decode_steps_memory_flops_and_time(job, topology):
   config = job.model.config.replace(num_kv_heads=2)  # GQA-2: 4 query heads, 2 K/V heads
-  plan = decode_plan.plan_decode(config, topology, PARTITIONS, 2, INPUTS, TARGETS)
+  plan = decode_plan.plan_decode(config, topology, decode_plan.DecodeLayout(PARTITIONS), 2,
+                                 INPUTS, TARGETS)
   partitioner = TopologyPartitioner(PARTITIONS, devices=topology.devices)
   mesh = partitioner.mesh
   batch = 2 * topology.num_chips
@@ -139,10 +143,91 @@ def test_decode_steps_memory_flops_and_time(job, topology):
       (plan.step, batch * decoder_token_flops(config, INPUTS, TARGETS))):
     assert step.fits(topology.hbm_bytes) and step.total_bytes > 0
     assert 0.8 <= step.flops * topology.num_devices / analytic <= 3.0
+  # The whole decoding takes every param (the prefill's unused ones are pruned from its
+  # arguments) and holds the params and the cache at once.
+  assert plan.program.argument_bytes >= plan.prefill.argument_bytes
+  assert plan.program.total_bytes >= plan.step.argument_bytes and plan.fits(topology.hbm_bytes)
   roofline = topology.generation.roofline_seconds
   expected = (roofline(plan.prefill.flops, plan.prefill.bytes_accessed)
               + TARGETS * roofline(plan.step.flops, plan.step.bytes_accessed)) / 2
   assert plan.seconds_per_sample == pytest.approx(expected) and expected > 0
+
+
+def _abstract_params(config, partitioner):
+  """The params gqa-eval's Predictor.restore puts on the mesh (its param_shardings), abstract."""
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(trainer.abstract_params(
+      EncoderDecoderModel(config), {"encoder_input_tokens": (1, INPUTS),
+                                    "decoder_input_tokens": (1, TARGETS)})))
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, config.dtype), shapes)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                      predictor.param_shardings(partitioner, config))
+
+
+@pytest.mark.parametrize("kv_batch_partitioned", [False, True])
+def test_the_planned_program_is_gqa_evals_greedy_decoding(job, topology, kv_batch_partitioned):
+  config = job.model.config.replace(num_kv_heads=1, cross_num_kv_heads=1)
+  layout = decode_plan.DecodeLayout(4, kv_batch_partitioned)
+  plan = decode_plan.plan_decode(config, topology, layout, 1, INPUTS, TARGETS)
+  assert plan.program.module_name == "jit_greedy_decode"
+  assert plan.prefill.module_name == "jit_prefill" and plan.step.module_name == "jit_decode_step"
+  # gqa-eval's Predictor on the same partitioner (NUM_PARTITIONS = 4 binds its
+  # Partitioner.num_partitions in configs/runs/eval.gin) lowers the same program.
+  partitioner = layout.partitioner(topology)
+  assert layout.gin_bindings == ("NUM_PARTITIONS = 4",
+                                 f"Partitioner.kv_batch_partitioned = {kv_batch_partitioned}")
+  params = _abstract_params(config, partitioner)
+  inputs = jax.ShapeDtypeStruct((topology.num_chips, INPUTS), jnp.int32,
+                                sharding=partitioner.batch_sharding())
+  evals = predictor.Predictor(EncoderDecoderModel(config), params, partitioner)
+  planned = decode_plan.abstract_predictor(config, partitioner, INPUTS, TARGETS)
+  lowered = [p.decode_program(TARGETS).lower(params, inputs).as_text() for p in (evals, planned)]
+  assert lowered[0] == lowered[1] and "sharding" in lowered[0]
+
+
+def test_batch_partitioned_mqa_holds_a_quarter_of_the_cache_per_device(job, topology):
+  """MQA on model 4 (batch 4, one per chip), inputs 2048 so that the cross-attention cache
+  outweighs tiny's params: replicated K/V caches are held whole by each of the 4 devices; split
+  by batch, each holds its row, and a step reads fewer bytes. The params are the same."""
+  config = job.model.config.replace(num_kv_heads=1, cross_num_kv_heads=1)
+  inputs = 2048
+  replicated, split = [decode_plan.plan_decode(config, topology, decode_plan.DecodeLayout(4, s),
+                                               1, inputs, TARGETS) for s in (False, True)]
+  # The step's cache: per layer self K/V [4, TARGETS, 3] and cross K/V [4, 1, inputs, 3], bf16.
+  partitioner = decode_plan.DecodeLayout(4, True).partitioner(topology)
+  held = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=partitioner.replicated())
+          for _ in range(config.num_decoder_layers)
+          for shape in ((4, TARGETS, 3), (4, TARGETS, 3), (4, 1, inputs, 3), (4, 1, inputs, 3))]
+  whole, tiled = (sum(shard_bytes(c, partitioner.mesh, tiled=t) for c in held) for t in (0, 1))
+  saved = replicated.step.argument_bytes - split.step.argument_bytes
+  assert whole * 3 / 4 <= saved <= tiled, (saved, whole, tiled)
+  assert split.step.bytes_accessed < replicated.step.bytes_accessed
+  assert split.seconds_per_sample < replicated.seconds_per_sample
+
+
+@pytest.mark.slow  # ~25 s: 4 layouts x 2 searches x 3 programs
+def test_layout_search_keeps_the_fastest_that_fits_and_reports_what_does_not(job, topology):
+  config = job.model.config.replace(num_kv_heads=2, cross_num_kv_heads=2)  # 4 heads, 2 K/V
+  layouts = decode_plan.layouts(config, topology)
+  assert [(l.num_partitions, l.kv_batch_partitioned) for l in layouts] == [
+      (1, False), (2, False), (4, False), (4, True)]
+  found = decode_plan.search_layouts(config, topology, INPUTS, TARGETS, 1)
+  assert [layout for layout, _ in found.candidates] == layouts
+  assert all(plan.fits(topology.hbm_bytes) and plan.batch_per_chip == 1
+             for _, plan in found.candidates)
+  assert found.best.seconds_per_sample == min(p.seconds_per_sample for _, p in found.candidates)
+  # HBM between the smallest and the largest layout's need: those above it fit no batch.
+  need = {layout: plan.program.total_bytes for layout, plan in found.candidates}
+  assert min(need.values()) < max(need.values()), need
+  hbm = (min(need.values()) + max(need.values())) // 2
+  small = dataclasses.replace(topology, generation=dataclasses.replace(topology.generation,
+                                                                        hbm_bytes=hbm))
+  tight = decode_plan.search_layouts(config, small, INPUTS, TARGETS, 1, layouts)
+  for layout, plan in tight.candidates:
+    assert (plan is not None) == (need[layout] <= hbm), (layout, plan)
+  assert tight.best is not None and tight.best.fits(hbm)
+  report = tight.to_json(small)
+  assert [c["fits"] for c in report["candidates"]] == [need[l] <= hbm for l in layouts]
+  assert report["best"]["layout"] == tight.best.layout.describe(small)
 
 
 def test_largest_fitting_goes_top_down():
@@ -159,17 +244,23 @@ def run_plan(*args):
 
 
 @pytest.mark.slow
-def test_cli_plans_tiny_and_fails_in_one_line():
-  result = run_plan("--gin_file=models/t5_1_1/tiny.gin", "--topology=v4-8",
+def test_cli_plans_tiny_and_fails_in_one_line(tmp_path):
+  result = run_plan(f"--json_out={tmp_path / 'plan.json'}", "--gin_file=models/t5_1_1/tiny.gin", "--topology=v4-8",
                     "--gin.NUM_PARTITIONS=2", f"--gin.TASK_FEATURE_LENGTHS={{'inputs': {INPUTS}, "
                     f"'targets': {TARGETS}}}", f"--gin.BATCH_SIZE={BATCH}", "--nosearch_batch",
                     f"--decode_inputs_len={INPUTS}", f"--decode_targets_len={TARGETS}",
                     "--max_decode_batch_per_chip=1", "--decode_gqa_groups=2")
   assert result.returncode == 0, result.stderr[-2000:]
   for line in ("## Training on v4-8 (4 chips, 4 devices, mesh data=2 x model=2)",
-               "| train step, global batch 8 | 2 |", "| MHA (kv heads 4) | 1 |",
-               "| MQA (kv heads 1) | 1 |", "| GQA-2 (kv heads 2) | 1 |"):
+               "| train step, global batch 8 | 2 |", "| MHA (kv heads 4) whole decoding | 1 |",
+               "| MQA (kv heads 1) | data 1 x model 4, K/V batch-partitioned | 1 |",
+               "| GQA-2 (kv heads 2) | data 2 x model 2 | 1 |"):
     assert line in result.stdout
+  searches = json.loads((tmp_path / "plan.json").read_text())
+  assert [s["num_kv_heads"] for s in searches] == [4, 1, 2]
+  for found in searches:  # the fastest of the layouts that fit
+    fitting = [c["plan"] for c in found["candidates"] if c["fits"]]
+    assert found["best"] == min(fitting, key=lambda p: p["seconds_per_sample"])
   bad = run_plan("--gin_file=models/t5_1_1/tiny.gin", "--topology=v4-7")
   assert bad.returncode != 0
   assert bad.stderr.strip().splitlines()[-1].startswith(

@@ -138,7 +138,8 @@ def _decode_results(output, kind="RESULT"):
 
 def test_partitioned_decoding_equals_single_device():
   """Greedy and beam tokens of the partitioned Predictor equal single-device decoding for MHA,
-  GQA-2 and MQA at NUM_PARTITIONS 4 and 8, on the pod and in one process with 8 devices;
+  GQA-2 and MQA at NUM_PARTITIONS 4 and 8, with K/V replicated or (Pope et al.) the batch
+  split over every device for attention, on the pod and in one process with 8 devices;
   sharded params and caches are not held whole by any device. A batch of 3 on a data axis of
   8 (the reproduction's timing batch on an 8-device host once failed) decodes its own rows."""
   argv = pod.module("tests.pod_decode_check")
@@ -166,6 +167,15 @@ def test_partitioned_decoding_equals_single_device():
       assert not by_case[case]["cross_cache_fully_held"], case
     # Fewer K/V heads than the model axis: the K/V (kernels, caches) replicated over 'model'.
     assert by_case[(8, 1)]["key_kernel_fully_held"] and by_case[(8, 1)]["self_cache_fully_held"]
+  # Batch-partitioned attention (kv_batch_partitioned): the same tokens as the replicated K/V
+  # (both equal single-device decoding), each device holding the caches of its own row only.
+  for output, processes in ((single_output, 1), (pod_output, 2)):
+    split = _decode_results(output, "SPLIT")
+    assert [(r["num_partitions"], r["kv_heads"]) for r in split] == [(4, 1), (8, 1), (8, 2)]
+    for r in split:
+      assert r["processes"] == processes and r["greedy_equal"] and r["beam_equal"], r
+      assert r["same_on_every_process"] and r["nonzero_tokens"] > 0, r
+      assert r["self_cache_rows_per_device"] == r["cross_cache_rows_per_device"] == 1, r
 
 
 def _t5x_orbax_checkpoint(model_dir) -> str:

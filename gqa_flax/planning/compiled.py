@@ -24,6 +24,7 @@ class CompiledStep:
   xla_seconds: float = 0.0
   compile_seconds: float = 0.0
   oom: Optional[str] = None
+  module_name: str = ""  # the HLO module's name, e.g. jit_greedy_decode
 
   @property
   def total_bytes(self) -> int:
@@ -51,9 +52,11 @@ def compile_step(jitted: Callable, *args) -> CompiledStep:
       raise
     return CompiledStep(compile_seconds=time.perf_counter() - start, oom=str(e).splitlines()[0])
   memory, cost = compiled.memory_analysis(), _cost(compiled)
+  header = compiled.as_text().split("\n", 1)[0]  # HloModule NAME, attributes...
   return CompiledStep(
       argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
       alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
       code_bytes=memory.generated_code_size_in_bytes, flops=cost.get("flops", 0.0),
       bytes_accessed=cost.get("bytes accessed", 0.0), xla_seconds=cost.get("optimal_seconds", 0.0),
-      compile_seconds=time.perf_counter() - start)
+      compile_seconds=time.perf_counter() - start,
+      module_name=header.split()[1].rstrip(",") if header.startswith("HloModule ") else "")

@@ -10,6 +10,8 @@ and one step) for MHA, MQA and GQA-G variants of the model at the largest batch 
 --max_decode_batch_per_chip that fits. Prints per-chip memory against HBM, flops, bytes
 accessed, and times on the chip's roofline and from XLA's cost model.
 """
+import json
+import os
 import sys
 from typing import List
 
@@ -34,6 +36,11 @@ flags.DEFINE_integer("max_decode_batch_per_chip", 32, "Largest decode batch per 
                      "(paper: up to 32).")
 flags.DEFINE_integer("decode_gqa_groups", 8, "G of the GQA-G decoding variant when the config "
                      "itself is not GQA.")
+flags.DEFINE_bool("search_layouts", True, "Decoding: compile every layout of the slice (mesh "
+                  "data x model; K/V heads the model axis does not divide replicated or "
+                  "batch-partitioned) and keep the fastest; false: only the config's own.")
+flags.DEFINE_string("json_out", None, "Also write the decoding plans, every layout tried, as "
+                    "JSON to this file.")
 flags.DEFINE_bool("table1", False, "Print the simulated Table 1 T_infer and Figure 6 for "
                   "T5.1.1-XXL next to the paper's measurements (ignores --gin_file).")
 FLAGS = flags.FLAGS
@@ -77,10 +84,38 @@ def plan_decoding(job: Job, topology: Topology) -> str:
   groups = config.num_kv_heads if is_gqa else FLAGS.decode_gqa_groups
   configs = [config.replace(num_kv_heads=kv, cross_num_kv_heads=kv)
              for kv in (config.num_heads, 1, groups)]
-  plans = [decode_plan.best_decode_plan(c, topology, job.num_partitions,
-                                        FLAGS.decode_inputs_len, FLAGS.decode_targets_len,
-                                        FLAGS.max_decode_batch_per_chip) for c in configs]
-  return report.decode_table(plans, topology, FLAGS.decode_inputs_len, FLAGS.decode_targets_len)
+  searches = [_search(c, topology, job.num_partitions) for c in configs]
+  if FLAGS.json_out:
+    _write_json(FLAGS.json_out, [s.to_json(topology) for s in searches])
+  return report.decode_table(searches, topology, FLAGS.decode_inputs_len,
+                             FLAGS.decode_targets_len)
+
+
+def _search(config, topology: Topology, num_partitions: int) -> decode_plan.LayoutSearch:
+  """Every layout of the slice (--search_layouts), or the run's own: NUM_PARTITIONS and
+  Partitioner.kv_batch_partitioned."""
+  if FLAGS.search_layouts:
+    layouts = decode_plan.layouts(config, topology)
+  else:
+    layouts = [decode_plan.DecodeLayout(num_partitions, _kv_batch_partitioned())]
+  return decode_plan.search_layouts(config, topology, FLAGS.decode_inputs_len,
+                                    FLAGS.decode_targets_len, FLAGS.max_decode_batch_per_chip,
+                                    layouts)
+
+
+def _kv_batch_partitioned() -> bool:
+  try:
+    return bool(gin.query_parameter("Partitioner.kv_batch_partitioned"))
+  except ValueError:  # not bound
+    return False
+
+
+def _write_json(path: str, content) -> None:
+  """`content` as JSON at `path`, written whole or not at all."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(content, f, indent=1)
+  os.replace(tmp, path)
 
 
 def _check_model_bound() -> None:
@@ -95,8 +130,11 @@ def _check_model_bound() -> None:
 def main() -> None:
   topology = get_topology(FLAGS.topology)
   if FLAGS.table1:
-    print(table1.simulate(topology, FLAGS.decode_inputs_len, FLAGS.decode_targets_len,
-                          FLAGS.max_decode_batch_per_chip))
+    text, searches = table1.simulate(topology, FLAGS.decode_inputs_len,
+                                     FLAGS.decode_targets_len, FLAGS.max_decode_batch_per_chip)
+    if FLAGS.json_out:
+      _write_json(FLAGS.json_out, searches)
+    print(text)
     return
   _check_model_bound()
   job = Job()

@@ -1,8 +1,8 @@
 """Plain-text tables of compiled programs for the `gqa-plan` report."""
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 from gqa_flax.planning.compiled import CompiledStep
-from gqa_flax.planning.decode_plan import DecodePlan
+from gqa_flax.planning.decode_plan import LayoutSearch
 from gqa_flax.planning.topology import GiB, Generation, Topology
 
 
@@ -35,25 +35,39 @@ def memory_row(name: str, batch_per_chip, step: CompiledStep, generation: Genera
           f"{step.xla_seconds:.4g}", f"{step.compile_seconds:.0f}")
 
 
-def decode_table(plans: Sequence[Optional[DecodePlan]], topology: Topology, inputs_len: int,
-                  targets_len: int) -> str:
-  """Memory and time per sample of each plan (None: nothing fits)."""
+def _model_name(config) -> str:
+  return f"{config.attention_name} (kv heads {config.num_kv_heads})"
+
+
+def decode_table(searches: Sequence[LayoutSearch], topology: Topology, inputs_len: int,
+                 targets_len: int) -> str:
+  """Each model's fastest layout (memory of its programs, time per sample), then every layout
+  tried with its largest fitting batch."""
   generation = topology.generation
-  rows, times = [], []
-  for plan in plans:
+  rows, times, candidates = [], [], []
+  for found in searches:
+    name = _model_name(found.config)
+    for layout, plan in found.candidates:
+      candidates.append((name, layout.describe(topology),
+                         plan.batch_per_chip if plan else "none fits",
+                         f"{plan.seconds_per_sample:.4g}" if plan else "-"))
+    plan = found.best
     if plan is None:
+      times.append((name, "none fits", "-", "-", "-", "-"))
       continue
     per_chip = plan.batch_per_chip
-    name = f"{plan.config.attention_name} (kv heads {plan.config.num_kv_heads})"
-    rows += [memory_row(f"{name} prefill", per_chip, plan.prefill, generation),
-             memory_row(f"{name} decode step", per_chip, plan.step, generation)]
-    times.append((name, per_chip, f"{plan.seconds_per_sample:.4g}",
-                  f"{plan.xla_seconds_per_sample:.4g}"))
-  missing = len(plans) - len(times)
+    rows += [memory_row(f"{name} {part}", per_chip, program, generation)
+             for part, program in (("prefill", plan.prefill), ("decode step", plan.step),
+                                   ("whole decoding", plan.program))]
+    times.append((name, plan.layout.describe(topology), per_chip,
+                  f"{plan.seconds_per_sample:.4g}", f"{plan.xla_seconds_per_sample:.4g}",
+                  f"`{plan.layout.gin_flags}`"))
   return "\n".join([
       f"## Greedy decoding on {topology.name} ({topology.num_chips} chips), inputs {inputs_len} / "
-      f"outputs {targets_len}, bfloat16 params",
+      f"outputs {targets_len}, bfloat16 params, each model in its fastest layout",
       table(MEMORY_HEADER, rows), "",
       f"time per sample per chip = (prefill + {targets_len} x step) / batch per chip",
-      table(("model", "batch/chip", "roofline s/sample", "XLA optimal s/sample"), times)]
-      + ([f"{missing} variant(s) do not fit at batch 1 per chip"] if missing else []))
+      table(("model", "layout", "batch/chip", "roofline s/sample", "XLA optimal s/sample",
+             "gqa-eval / gqa-infer flags"), times), "",
+      "every layout tried (largest batch per chip that fits):",
+      table(("model", "layout", "batch/chip", "roofline s/sample"), candidates)])

@@ -1,14 +1,19 @@
 """The largest batch whose compiled program fits in HBM."""
-from typing import Callable, Optional, Sequence, Tuple
-
-from gqa_flax.planning.compiled import CompiledStep
+from typing import Callable, Optional, Protocol, Sequence, Tuple
 
 
-def largest_fitting(compile_at: Callable[[int], CompiledStep], candidates: Sequence[int],
+class Fits(Protocol):
+  """A compiled program or plan: does it fit in `hbm_bytes` per device?"""
+
+  def fits(self, hbm_bytes: int) -> bool:
+    ...
+
+
+def largest_fitting(compile_at: Callable[[int], Fits], candidates: Sequence[int],
                     hbm_bytes: int) -> Tuple[Optional[int], dict]:
-  """Tries `candidates` from the largest down -> (first that fits or None, {batch: CompiledStep}
-  of every batch compiled). Top-down is cheap: XLA rejects a program too big for HBM in seconds,
-  while a program that fits costs a full compile."""
+  """Tries `candidates` from the largest down -> (first that fits or None, {batch: what
+  compile_at returned} of every batch compiled). Top-down is cheap: XLA rejects a program
+  too big for HBM in seconds, while a program that fits costs a full compile."""
   compiled = {}
   for batch in sorted(candidates, reverse=True):
     compiled[batch] = step = compile_at(batch)

@@ -2,10 +2,15 @@
 
 The paper (section 3.1, "Timing") reports time per sample per TPUv4 chip from xprof, on 8
 chips, with the largest batch that fits up to 32 per chip, input 2048 and output 512, and
-parallelism tuned per model. Here a model of the hardware replaces the profiler: each model's
-prefill and decode step are compiled for the slice and timed on the chip's roofline from
-XLA's per-device flops and bytes accessed (decode_plan.py).
+parallelism tuned per model. Here a model of the hardware replaces the profiler: gqa-eval's
+greedy decoding of each model is compiled for the slice in every layout (mesh data x model;
+K/V heads the model axis does not divide replicated or batch-partitioned), its prefill and
+decode step timed on the chip's roofline from XLA's per-device flops and bytes accessed, and
+the fastest layout that fits is kept (decode_plan.search_layouts).
 """
+import functools
+from typing import Dict, Optional, Tuple
+
 from gqa_flax.models import t5_1_1_config
 from gqa_flax.planning import decode_plan, report
 from gqa_flax.planning.topology import Topology
@@ -14,37 +19,60 @@ from gqa_flax.planning.topology import Topology
 PAPER_T_INFER = (("MHA-Large", "large", None, 0.37), ("MHA-XXL", "xxl", None, 1.51),
                  ("MQA-XXL", "xxl", 1, 0.24), ("GQA-8-XXL", "xxl", 8, 0.28))
 FIGURE6_GROUPS = (1, 4, 8, 16, 32, 64)
-# Model parallelism used for the simulation: Large runs data-parallel, XXL 8-way over heads.
-PARTITIONS = {"large": 1, "xxl": 8}
+# The one layout of the first simulation, kept as a column: Large data-parallel, XXL 8-way
+# model parallel over heads, K/V heads that the model axis does not divide replicated.
+FIXED_PARTITIONS = {"large": 1, "xxl": 8}
 
 
-def simulate(topology: Topology, inputs_len: int, targets_len: int, max_batch_per_chip: int) -> str:
-  """Table 1's T_infer and Figure 6, simulated on `topology`, beside the paper's numbers."""
-  def plan(size, kv):
-    config = t5_1_1_config(size, num_kv_heads=kv)
-    return decode_plan.best_decode_plan(config, topology, PARTITIONS[size], inputs_len,
-                                        targets_len, max_batch_per_chip)
+def _seconds(plan: Optional[decode_plan.DecodePlan]) -> float:
+  return plan.seconds_per_sample if plan else float("nan")
 
-  plans = {(size, kv): plan(size, kv) for _, size, kv, _ in PAPER_T_INFER}
-  simulated = {name: plans[(size, kv)].seconds_per_sample if plans[(size, kv)] else float("nan")
-               for name, size, kv, _ in PAPER_T_INFER}
+
+def _fixed(found: decode_plan.LayoutSearch, size: str) -> Optional[decode_plan.DecodePlan]:
+  return dict(found.candidates).get(decode_plan.DecodeLayout(FIXED_PARTITIONS[size]))
+
+
+def simulate(topology: Topology, inputs_len: int, targets_len: int, max_batch_per_chip: int
+             ) -> Tuple[str, Dict[str, dict]]:
+  """(Table 1's T_infer and Figure 6 simulated on `topology`, each model in its fastest
+  layout, beside the fixed layout's times and the paper's numbers; every search as JSON)."""
+  @functools.lru_cache(maxsize=None)
+  def search(size, kv):
+    return decode_plan.search_layouts(t5_1_1_config(size, num_kv_heads=kv), topology,
+                                      inputs_len, targets_len, max_batch_per_chip)
+
+  searches = {name: search(size, kv) for name, size, kv, _ in PAPER_T_INFER}
+  best = {name: _seconds(found.best) for name, found in searches.items()}
+  fixed = {name: _seconds(_fixed(searches[name], size)) for name, size, _, _ in PAPER_T_INFER}
   paper = {name: seconds for name, _, _, seconds in PAPER_T_INFER}
-  rows = [(name, plans[(size, kv)].batch_per_chip if plans[(size, kv)] else "none fits",
-           f"{simulated[name]:.4f}", f"{paper[name]:.2f}", f"{paper[name] / simulated[name]:.1f}",
-           f"{simulated[name] / simulated['MQA-XXL']:.2f}", f"{paper[name] / paper['MQA-XXL']:.2f}")
-          for name, size, kv, _ in PAPER_T_INFER]
+  rows = []
+  for name, _, _, _ in PAPER_T_INFER:
+    plan = searches[name].best
+    rows.append((name, plan.layout.describe(topology) if plan else "none fits",
+                 plan.batch_per_chip if plan else "-", f"{best[name]:.4f}",
+                 f"{fixed[name]:.4f}", f"{paper[name]:.2f}", f"{paper[name] / best[name]:.2f}"))
+  ratios = [(f"MHA-XXL / {other}", f"{best['MHA-XXL'] / best[other]:.2f}",
+             f"{fixed['MHA-XXL'] / fixed[other]:.2f}", f"{paper['MHA-XXL'] / paper[other]:.2f}")
+            for other in ("MQA-XXL", "GQA-8-XXL")]
   figure6 = []
   for groups in FIGURE6_GROUPS:
-    kv = None if groups == 64 else groups
-    p = plans[("xxl", kv)] if ("xxl", kv) in plans else plan("xxl", kv)
-    figure6.append((groups, p.batch_per_chip if p else "none fits",
-                    f"{p.seconds_per_sample:.4f}" if p else "-",
-                    f"{p.seconds_per_sample / simulated['MQA-XXL']:.2f}" if p else "-"))
-  return "\n".join([
+    found = search("xxl", None if groups == 64 else groups)
+    searches[f"XXL G={groups}"] = found
+    plan = found.best
+    figure6.append((groups, plan.layout.describe(topology) if plan else "none fits",
+                    plan.batch_per_chip if plan else "-", f"{_seconds(plan):.4f}",
+                    f"{_seconds(_fixed(found, 'xxl')):.4f}",
+                    f"{_seconds(plan) / best['MQA-XXL']:.2f}"))
+  text = "\n".join([
       f"## Simulated Table 1 T_infer on {topology.name} ({topology.num_chips} chips), inputs "
-      f"{inputs_len} / outputs {targets_len}, largest batch up to {max_batch_per_chip}/chip "
-      f"(model parallel: Large {PARTITIONS['large']}, XXL {PARTITIONS['xxl']})",
-      report.table(("model", "batch/chip", "simulated s/sample", "paper s/sample",
-                    "paper / simulated", "simulated / MQA-XXL", "paper / MQA-XXL"), rows), "",
+      f"{inputs_len} / outputs {targets_len}, largest batch up to {max_batch_per_chip}/chip, "
+      f"each model in its fastest layout (fixed layout: model parallel Large "
+      f"{FIXED_PARTITIONS['large']}, XXL {FIXED_PARTITIONS['xxl']}, K/V replicated)",
+      report.table(("model", "fastest layout", "batch/chip", "simulated s/sample",
+                    "fixed layout s/sample", "paper s/sample", "paper / simulated"), rows), "",
+      report.table(("ratio", "simulated, fastest layouts", "simulated, fixed layout", "paper"),
+                   ratios), "",
       "## Simulated Figure 6: GQA-XXL time per sample vs number of groups (64 = MHA)",
-      report.table(("groups", "batch/chip", "simulated s/sample", "/ MQA-XXL"), figure6)])
+      report.table(("groups", "fastest layout", "batch/chip", "simulated s/sample",
+                    "fixed layout s/sample", "/ MQA-XXL"), figure6)])
+  return text, {name: found.to_json(topology) for name, found in searches.items()}

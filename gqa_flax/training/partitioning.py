@@ -5,7 +5,9 @@ physical topology by `jax.experimental.mesh_utils`. Parameters carry T5X's logic
 `standard_logical_axis_rules` maps them to mesh axes. A parameter dimension that the mesh axis
 does not divide -- the K/V kernels' joined_kv = kv_heads*head_dim when kv_heads is smaller
 than the model axis, e.g. MQA -- is replicated instead (logged once per parameter), so MQA/GQA
-run on any model-parallel size.
+run on any model-parallel size. Decoding such a model replicates its K/V caches over 'model'
+too, or with `kv_batch_partitioned` splits their batch over 'data' x 'model' and runs its
+attention on each device's rows (`cache_shardings`, `attention_shardings`).
 
 Data layout (`data_layout`): the global batch is split into `data_parallel_size` slabs, one per
 row of the mesh's 'data' axis, and read from `num_data_shards` data shards
@@ -100,6 +102,9 @@ class Partitioner:
   num_partitions: int = 1
   num_data_shards: Optional[int] = None  # None: one per row of the 'data' axis
   logical_axis_rules: LogicalRules = dataclasses.field(default_factory=standard_logical_axis_rules)
+  # Decoding with fewer K/V heads than the model axis: False replicates their caches over
+  # 'model'; True splits the batch over 'data' x 'model' for attention instead (Pope et al.).
+  kv_batch_partitioned: bool = False
 
   def __post_init__(self):
     devices = jax.device_count()
@@ -117,6 +122,14 @@ class Partitioner:
   @property
   def data_parallel_size(self) -> int:
     return jax.device_count() // self.num_partitions
+
+  @property
+  def decode_batch_multiple(self) -> int:
+    """What a decode batch is padded to a multiple of: the data axis, or every device when
+    attention may split the batch over 'data' x 'model' (`kv_batch_partitioned`)."""
+    if self.kv_batch_partitioned and self.mesh.shape["model"] > 1:
+      return self.mesh.size
+    return self.data_parallel_size
 
   def data_layout(self, batch_size: int) -> DataLayout:
     """The rows of the 'data' axis this host's devices hold (contiguous), as data shards."""
@@ -154,20 +167,43 @@ class Partitioner:
     return {name: jax.make_array_from_process_local_data(
         sharding, value, (batch_size,) + value.shape[1:]) for name, value in local_batch.items()}
 
+  def splits_kv_batch(self, kv_heads: int) -> bool:
+    """Whether attention with `kv_heads` K/V heads runs split by batch over 'data' x 'model'
+    (`kv_batch_partitioned`, and the model axis does not divide the K/V heads)."""
+    model = self.mesh.shape["model"]
+    return self.kv_batch_partitioned and model > 1 and kv_heads % model != 0
+
   def cache_shardings(self, cache: Any) -> Any:
     """NamedShardings of a decode cache (arrays or ShapeDtypeStructs): K/V caches
     [batch, kv_heads, length, head_dim] (MQA's self-attention cache has no kv_heads axis)
-    with the batch over 'data' and kv_heads over 'model' where the model axis divides them;
-    with fewer K/V heads than the model axis (MQA; GQA-4 on 8) the K/V are replicated over
-    'model', like their kernels. cache_index is replicated."""
+    with the batch over 'data' and kv_heads over 'model' where the model axis divides them.
+    With fewer K/V heads than the model axis (MQA; GQA-4 on 8) the K/V are replicated over
+    'model', like their kernels, or with `kv_batch_partitioned` their batch is split over
+    'data' x 'model'. cache_index is replicated."""
     def sharding(leaf):
       if leaf.ndim not in (3, 4):
         return self.replicated()
+      kv_heads = leaf.shape[1] if leaf.ndim == 4 else 1
       spec = ["data"] + [None] * (leaf.ndim - 1)
-      if leaf.ndim == 4 and leaf.shape[1] % self.num_partitions == 0:
+      if self.splits_kv_batch(kv_heads):
+        spec[0] = ("data", "model")
+      elif leaf.ndim == 4 and kv_heads % self.num_partitions == 0:
         spec[1] = "model"
       return NamedSharding(self.mesh, self._divisible((), PartitionSpec(*spec), leaf.shape))
     return jax.tree.map(sharding, cache)
+
+  def attention_shardings(self, kv_heads: int, heads: int, batch: int
+                          ) -> Optional[Tuple[NamedSharding, NamedSharding]]:
+    """(query/key/value sharding, output sharding) of a decode attention whose batch is split
+    over 'data' x 'model' (`splits_kv_batch`), or None to leave the layout to XLA. Query
+    [batch, q_len, heads, head_dim] and K/V [batch, kv_heads, length, head_dim] by batch;
+    the output [batch, q_len, heads, head_dim] back in the standard layout (heads over
+    'model'), where the output projection's kernel is split by heads."""
+    if not self.splits_kv_batch(kv_heads) or batch % self.mesh.size:
+      return None
+    heads_axis = "model" if heads % self.mesh.shape["model"] == 0 else None
+    return (NamedSharding(self.mesh, PartitionSpec(("data", "model"))),
+            NamedSharding(self.mesh, PartitionSpec("data", None, heads_axis)))
 
   def param_shardings(self, boxed_params: Any) -> Any:
     """`init`'s LogicallyPartitioned tree (arrays or ShapeDtypeStructs) -> NamedShardings."""
@@ -178,13 +214,16 @@ class Partitioner:
         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
   def _divisible(self, path, spec: PartitionSpec, shape: Sequence[int]) -> PartitionSpec:
-    """`spec` with every mesh axis that does not divide its dimension replaced by None."""
+    """`spec` with every mesh axis that does not divide its dimension dropped (of several
+    axes, the last ones first: ('data', 'model') -> 'data' -> None)."""
     axes = []
     for size, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-      if axis is not None and size % self.mesh.shape[axis]:
-        logging.info("replicating %s dim of size %d (not divisible by mesh axis %r of size %d)",
-                     jax.tree_util.keystr(path), size, axis, self.mesh.shape[axis])
-        axis = None
+      joined = axis if isinstance(axis, tuple) else (axis,)
+      while axis is not None and size % int(np.prod([self.mesh.shape[a] for a in joined])):
+        logging.info("dim of %s of size %d not divisible by mesh axes %r: split over %r",
+                     jax.tree_util.keystr(path), size, joined, joined[:-1] or None)
+        joined = joined[:-1]
+        axis = (joined if len(joined) > 1 else joined[0]) if joined else None
       axes.append(axis)
     return PartitionSpec(*axes)
 

@@ -12,10 +12,12 @@ Layout (`Partitioner`): parameters by the logical axis rules, restored straight 
 shardings and cast to the decode dtype while reading (no host holds the whole model); the
 batch over 'data'; the decode caches [batch, kv_heads, length, head_dim] with the batch over
 'data' and kv_heads over 'model' where the model axis divides them. With fewer K/V heads
-than the model axis (MQA, GQA-4 on 8) the K/V kernels and caches are replicated over 'model',
-so each model shard reads all K/V of its batch rows: what standard sharding does for MQA
-(the paper, section 2.2); Pope et al. (2022)'s split of the batch over 'model' for attention
-is not implemented.
+than the model axis (MQA, GQA-4 on 8) the K/V kernels are replicated over 'model'; their
+caches too by default, so each model shard reads all K/V of its batch rows (what standard
+sharding does for MQA, the paper's section 2.2), or with `Partitioner.kv_batch_partitioned`
+split by batch over 'data' x 'model', each attention then running on its device's rows
+(Pope et al. 2022's batch-partitioned multi-query attention; the batch is padded to a
+multiple of every device).
 
 Multi-host: every host calls `predict` with the same global batch (numpy); each device decodes
 its own rows, so a host decodes an equal share of every batch (the callers pad the last one),
@@ -99,12 +101,15 @@ class Predictor:
                             model.loss_normalizing_factor)
     return cls(model, loaded.params, partitioner, cpu_kernels), loaded.step
 
-  def _decoder(self, max_decode_length: int, beam_size: int, alpha: float, eos_id: int
-               ) -> Callable:
+  def decode_program(self, max_decode_length: int, beam_size: int = 1, alpha: float = 0.6,
+                     eos_id: int = 1) -> Callable:
+    """The jit-compiled decoding `predict` runs: (params, inputs [batch, inputs_len] over
+    'data') -> tokens [batch, max_decode_length] (greedy, or the best beam). gqa-plan lowers
+    this same program for a TPU slice (planning/decode_plan.py)."""
     key = (max_decode_length, beam_size, alpha, eos_id)
     if key not in self._decoders:
       common = dict(max_decode_length=max_decode_length, eos_id=eos_id,
-                    cpu_kernels=self.cpu_kernels, cache_shardings=self.partitioner.cache_shardings)
+                    cpu_kernels=self.cpu_kernels, layout=self.partitioner)
       if beam_size == 1:
         fn = functools.partial(decoding.greedy_decode, self.model.module, **common)
       else:
@@ -116,14 +121,36 @@ class Predictor:
                                     out_shardings=data)
     return self._decoders[key]
 
+  def prefill_program(self, max_decode_length: int) -> Callable:
+    """The start of greedy `decode_program`, jit-compiled alone: (params, inputs) -> (encoded
+    [batch, inputs_len, emb], the decode cache in `Partitioner.cache_shardings`)."""
+    key = ("prefill", max_decode_length)
+    if key not in self._decoders:
+      prefill = functools.partial(decoding.prefill, self.model.module,
+                                  max_decode_length=max_decode_length, layout=self.partitioner)
+      data = self.partitioner.batch_sharding()
+      self._decoders[key] = jax.jit(prefill, in_shardings=(self.param_shardings, data))
+    return self._decoders[key]
+
+  def step_program(self, max_decode_length: int, cache: Any) -> Callable:
+    """One step of greedy `decode_program`'s loop, jit-compiled alone: (params, cache,
+    encoded, inputs, tokens [batch]) -> (logits [batch, vocab], cache), the cache (arrays or
+    ShapeDtypeStructs of `prefill_program`'s) donated and kept in its shardings."""
+    caches = self.partitioner.cache_shardings(cache)
+    data = self.partitioner.batch_sharding()
+    step = functools.partial(decoding.decode_step, self.model.module,
+                             max_decode_length=max_decode_length, layout=self.partitioner)
+    return jax.jit(step, in_shardings=(self.param_shardings, caches, data, data, data),
+                   out_shardings=(data, caches), donate_argnums=(1,))
+
   def predict(self, inputs: np.ndarray, max_decode_length: int, beam_size: int = 1,
               alpha: float = 0.6, eos_id: int = 1) -> np.ndarray:
     """Tokens [batch, max_decode_length] of inputs int32 [batch, inputs_len] (the same global
     batch on every host): greedy, or the best beam of beam search with length penalty
-    `alpha`. Tokens after EOS are 0. A batch that the data-parallel size does not divide is
-    padded with copies of its first row, whose tokens are dropped."""
-    decode = self._decoder(max_decode_length, beam_size, alpha, eos_id)
-    padded = _pad_rows(inputs, self.partitioner.data_parallel_size)
+    `alpha`. Tokens after EOS are 0. A batch that `Partitioner.decode_batch_multiple` does
+    not divide is padded with copies of its first row, whose tokens are dropped."""
+    decode = self.decode_program(max_decode_length, beam_size, alpha, eos_id)
+    padded = _pad_rows(inputs, self.partitioner.decode_batch_multiple)
     tokens = decode(self.params, _global(padded, self.partitioner.batch_sharding()))
     return _to_host(tokens)[:len(inputs)]
 
@@ -147,16 +174,9 @@ class Predictor:
 
   def decode_cache(self, inputs: np.ndarray, max_decode_length: int) -> Any:
     """The decode cache of `inputs` as `predict` lays it out (global arrays), for inspection."""
-    key = ("prefill", max_decode_length)
-    if key not in self._decoders:
-      prefill = functools.partial(decoding.prefill, self.model.module,
-                                  max_decode_length=max_decode_length,
-                                  cache_shardings=self.partitioner.cache_shardings)
-      self._decoders[key] = jax.jit(lambda params, tokens: prefill(params, tokens)[1],
-                                    in_shardings=(self.param_shardings,
-                                                  self.partitioner.batch_sharding()))
-    return self._decoders[key](self.params, _global(np.asarray(inputs, np.int32),
-                                                    self.partitioner.batch_sharding()))
+    prefill = self.prefill_program(max_decode_length)
+    return prefill(self.params, _global(np.asarray(inputs, np.int32),
+                                        self.partitioner.batch_sharding()))[1]
 
 
 def from_host_params(model: EncoderDecoderModel, params: Any, partitioner: Partitioner,
