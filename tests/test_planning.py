@@ -184,6 +184,16 @@ def test_the_planned_program_is_gqa_evals_greedy_decoding(job, topology, kv_batc
   assert lowered[0] == lowered[1] and "sharding" in lowered[0]
 
 
+def test_a_layout_whose_params_alone_exceed_hbm_is_not_compiled(job, topology):
+  config = job.model.config
+  small = dataclasses.replace(topology, generation=dataclasses.replace(topology.generation,
+                                                                        hbm_bytes=10_000))
+  plan = decode_plan.plan_decode(config, small, decode_plan.DecodeLayout(1), 1, INPUTS, TARGETS)
+  assert plan.program is None and not plan.fits(small.hbm_bytes)
+  assert plan.prefill.oom.startswith("the params alone need") and plan.prefill.compile_seconds == 0
+  assert plan.prefill.argument_bytes > 10_000
+
+
 def test_batch_partitioned_mqa_holds_a_quarter_of_the_cache_per_device(job, topology):
   """MQA on model 4 (batch 4, one per chip), inputs 2048 so that the cross-attention cache
   outweighs tiny's params: replicated K/V caches are held whole by each of the 4 devices; split

@@ -17,6 +17,7 @@ fastest.
 """
 import dataclasses
 import logging
+import math
 from typing import List, Optional, Tuple
 
 import flax.linen as nn
@@ -144,6 +145,13 @@ def plan_decode(config: T5Config, topology: Topology, layout: DecodeLayout, batc
   batch_size = batch_per_chip * topology.num_chips
   partitioner.check_batch_size(batch_size)
   decoder = abstract_predictor(config, partitioner, inputs_len, targets_len)
+  hbm = topology.hbm_bytes
+  params_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                     for x in jax.tree.leaves(decoder.params))
+  if params_bytes > hbm:  # no need to compile: it cannot fit
+    too_big = CompiledStep(argument_bytes=params_bytes, oom=(
+        f"the params alone need {params_bytes / 2**30:.1f} GiB per device"))
+    return DecodePlan(config, layout, batch_size, topology, targets_len, too_big, too_big, None)
   data = partitioner.batch_sharding()
   inputs = jax.ShapeDtypeStruct((batch_size, inputs_len), jnp.int32, sharding=data)
   prefill_program = decoder.prefill_program(targets_len)
@@ -154,7 +162,6 @@ def plan_decode(config: T5Config, topology: Topology, layout: DecodeLayout, batc
   step = compile_step(decoder.step_program(targets_len, cache), decoder.params, cache,
                       jax.ShapeDtypeStruct(encoded.shape, encoded.dtype, sharding=data),
                       inputs, tokens)
-  hbm = topology.hbm_bytes
   program = None
   if prefill.fits(hbm) and step.fits(hbm):
     program = compile_step(decoder.decode_program(targets_len), decoder.params, inputs)

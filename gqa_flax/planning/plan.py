@@ -43,6 +43,8 @@ flags.DEFINE_string("json_out", None, "Also write the decoding plans, every layo
                     "JSON to this file.")
 flags.DEFINE_bool("table1", False, "Print the simulated Table 1 T_infer and Figure 6 for "
                   "T5.1.1-XXL next to the paper's measurements (ignores --gin_file).")
+flags.DEFINE_list("figure6_groups", [str(g) for g in table1.FIGURE6_GROUPS],
+                  "--table1: the groups G of Figure 6's XXL models (64 = MHA).")
 FLAGS = flags.FLAGS
 _PLAN_GIN = "plan/plan.gin"
 
@@ -131,7 +133,8 @@ def main() -> None:
   topology = get_topology(FLAGS.topology)
   if FLAGS.table1:
     text, searches = table1.simulate(topology, FLAGS.decode_inputs_len,
-                                     FLAGS.decode_targets_len, FLAGS.max_decode_batch_per_chip)
+                                     FLAGS.decode_targets_len, FLAGS.max_decode_batch_per_chip,
+                                     [int(g) for g in FLAGS.figure6_groups])
     if FLAGS.json_out:
       _write_json(FLAGS.json_out, searches)
     print(text)

@@ -9,7 +9,8 @@ decode step timed on the chip's roofline from XLA's per-device flops and bytes a
 the fastest layout that fits is kept (decode_plan.search_layouts).
 """
 import functools
-from typing import Dict, Optional, Tuple
+import math
+from typing import Dict, Optional, Sequence, Tuple
 
 from gqa_flax.models import t5_1_1_config
 from gqa_flax.planning import decode_plan, report
@@ -28,12 +29,16 @@ def _seconds(plan: Optional[decode_plan.DecodePlan]) -> float:
   return plan.seconds_per_sample if plan else float("nan")
 
 
+def _cell(seconds: float, digits: int = 4) -> str:
+  return "-" if math.isnan(seconds) else f"{seconds:.{digits}f}"
+
+
 def _fixed(found: decode_plan.LayoutSearch, size: str) -> Optional[decode_plan.DecodePlan]:
   return dict(found.candidates).get(decode_plan.DecodeLayout(FIXED_PARTITIONS[size]))
 
 
-def simulate(topology: Topology, inputs_len: int, targets_len: int, max_batch_per_chip: int
-             ) -> Tuple[str, Dict[str, dict]]:
+def simulate(topology: Topology, inputs_len: int, targets_len: int, max_batch_per_chip: int,
+             figure6_groups: Sequence[int] = FIGURE6_GROUPS) -> Tuple[str, Dict[str, dict]]:
   """(Table 1's T_infer and Figure 6 simulated on `topology`, each model in its fastest
   layout, beside the fixed layout's times and the paper's numbers; every search as JSON)."""
   @functools.lru_cache(maxsize=None)
@@ -49,20 +54,20 @@ def simulate(topology: Topology, inputs_len: int, targets_len: int, max_batch_pe
   for name, _, _, _ in PAPER_T_INFER:
     plan = searches[name].best
     rows.append((name, plan.layout.describe(topology) if plan else "none fits",
-                 plan.batch_per_chip if plan else "-", f"{best[name]:.4f}",
-                 f"{fixed[name]:.4f}", f"{paper[name]:.2f}", f"{paper[name] / best[name]:.2f}"))
-  ratios = [(f"MHA-XXL / {other}", f"{best['MHA-XXL'] / best[other]:.2f}",
-             f"{fixed['MHA-XXL'] / fixed[other]:.2f}", f"{paper['MHA-XXL'] / paper[other]:.2f}")
+                 plan.batch_per_chip if plan else "-", _cell(best[name]), _cell(fixed[name]),
+                 f"{paper[name]:.2f}", _cell(paper[name] / best[name], 2)))
+  ratios = [(f"MHA-XXL / {other}", _cell(best["MHA-XXL"] / best[other], 2),
+             _cell(fixed["MHA-XXL"] / fixed[other], 2), f"{paper['MHA-XXL'] / paper[other]:.2f}")
             for other in ("MQA-XXL", "GQA-8-XXL")]
   figure6 = []
-  for groups in FIGURE6_GROUPS:
+  for groups in figure6_groups:
     found = search("xxl", None if groups == 64 else groups)
     searches[f"XXL G={groups}"] = found
     plan = found.best
     figure6.append((groups, plan.layout.describe(topology) if plan else "none fits",
-                    plan.batch_per_chip if plan else "-", f"{_seconds(plan):.4f}",
-                    f"{_seconds(_fixed(found, 'xxl')):.4f}",
-                    f"{_seconds(plan) / best['MQA-XXL']:.2f}"))
+                    plan.batch_per_chip if plan else "-", _cell(_seconds(plan)),
+                    _cell(_seconds(_fixed(found, "xxl"))),
+                    _cell(_seconds(plan) / best["MQA-XXL"], 2)))
   text = "\n".join([
       f"## Simulated Table 1 T_infer on {topology.name} ({topology.num_chips} chips), inputs "
       f"{inputs_len} / outputs {targets_len}, largest batch up to {max_batch_per_chip}/chip, "
