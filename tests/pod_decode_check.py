@@ -69,8 +69,8 @@ def check(kv_heads: int, num_partitions: int, kv_batch_partitioned: bool = False
   config = _config(kv_heads)
   model = EncoderDecoderModel(config)
   inputs = _inputs(config.vocab_size)
-  partitioned = predictor.from_host_params(
-      model, _params(config), Partitioner(num_partitions, kv_batch_partitioned=kv_batch_partitioned))
+  partitioner = Partitioner(num_partitions, kv_batch_partitioned=kv_batch_partitioned)
+  partitioned = predictor.from_host_params(model, _params(config), partitioner)
   greedy = partitioned.predict(inputs, DECODE_LEN)
   beam = partitioned.predict(inputs, DECODE_LEN, beam_size=BEAMS)
   ref_greedy, ref_beam = _single_device(kv_heads)

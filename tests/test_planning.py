@@ -255,7 +255,8 @@ def run_plan(*args):
 
 @pytest.mark.slow
 def test_cli_plans_tiny_and_fails_in_one_line(tmp_path):
-  result = run_plan(f"--json_out={tmp_path / 'plan.json'}", "--gin_file=models/t5_1_1/tiny.gin", "--topology=v4-8",
+  result = run_plan(f"--json_out={tmp_path / 'plan.json'}", "--gin_file=models/t5_1_1/tiny.gin",
+                    "--topology=v4-8",
                     "--gin.NUM_PARTITIONS=2", f"--gin.TASK_FEATURE_LENGTHS={{'inputs': {INPUTS}, "
                     f"'targets': {TARGETS}}}", f"--gin.BATCH_SIZE={BATCH}", "--nosearch_batch",
                     f"--decode_inputs_len={INPUTS}", f"--decode_targets_len={TARGETS}",

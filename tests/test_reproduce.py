@@ -336,13 +336,28 @@ def test_kv_bound_timing_times_each_group_of_a_model_shape_with_random_weights(t
     assert key.size * 4 == query.size * g  # tiny: 4 query heads
   output = tmp_path / "result.json"
   assert timing.main(["--model_gin=models/t5_1_1/tiny.gin", "--groups=1,4", "--inputs=16",
-                      "--targets=4", "--batch_size=2", "--repeats=3", f"--output={output}"]) == 0
+                      "--targets=4", "--batch_size=2", "--repeats=3", "--layout=1=1::3",
+                      f"--output={output}"]) == 0
   result = json.loads(output.read_text())
   assert result["source"] == "models/t5_1_1/tiny.gin"
   assert [(p["kv_heads"], p["attention"]) for p in result["points"]] == [(1, "MQA"), (4, "MHA")]
   for point in result["points"]:
     assert len(point["t_infer_repeats_s"]) == 3 and min(point["t_infer_repeats_s"]) > 0
     assert point["t_infer_s"] == sorted(point["t_infer_repeats_s"])[1]
+  # G=1 in its own layout (--layout: batch 3), G=4 in the default one.
+  assert [p["layout"] for p in result["points"]] == [
+      {"num_partitions": 1, "kv_batch_partitioned": False, "batch_size": 3},
+      {"num_partitions": 1, "kv_batch_partitioned": False, "batch_size": 2}]
+
+
+@pytest.mark.parametrize("layout", ["1=x", "1", "1=8:replicated", "one=8"])
+def test_a_bad_timing_layout_is_one_line(layout, tmp_path, capsys):
+  assert timing.main(["--model_gin=models/t5_1_1/tiny.gin", "--groups=1", "--inputs=8",
+                      "--targets=2", f"--layout={layout}", f"--output={tmp_path / 'r.json'}"]) == 1
+  assert capsys.readouterr().err.strip() == (
+      f"gqa_flax.reproduce.timing: error: --layout {layout!r}: expected "
+      "G=PARTITIONS[:split][:BATCH], e.g. 1=8:split:256")
+  assert not (tmp_path / "r.json").exists()
 
 
 def test_the_kv_bound_timing_stage_feeds_the_speed_claims(tmp_path):

@@ -79,6 +79,9 @@ class Preset:
     the same number of heads), one large enough that reading the key/value cache dominates a
     decode step, as at the paper's scale; the claims' speed measures use it when present.
   decode_partitions: model-parallel size of the evaluate and timing stages' decoding mesh.
+  fig6_layouts: {G: (num_partitions, kv_batch_partitioned, global batch)}: how the timing
+    stages decode G (e.g. the layout `gqa-plan --table1` found fastest for it); a G not given
+    is decoded with decode_partitions, replicated K/V and fig6's batch.
   """
   name: str = gin.REQUIRED
   models: Dict[str, str] = gin.REQUIRED
@@ -104,6 +107,7 @@ class Preset:
   seeds: Sequence[int] = (0,)
   finetune_variants: Sequence[Tuple] = ()
   fig6_kv_bound: Dict[str, object] = dataclasses.field(default_factory=dict)
+  fig6_layouts: Dict[int, Tuple[int, bool, int]] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     seeds = tuple(self.seeds)

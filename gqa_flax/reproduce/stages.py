@@ -182,6 +182,8 @@ class Plan:
         f"--groups={','.join(str(g) for g in p.fig6['groups'])}", f"--inputs={shape['inputs']}",
         f"--targets={shape['targets']}", f"--batch_size={shape['batch']}",
         f"--repeats={p.timing_repeats}", f"--num_partitions={p.decode_partitions}",
+        *(f"--layout={g}={partitions}:{'split' if split else ''}:{batch}"
+          for g, (partitions, split, batch) in sorted(p.fig6_layouts.items())),
         f"--output={result}"), result)
 
   def _uptrain_stage(self, v: Variant, seed: int, converted: str) -> Stage:

@@ -13,6 +13,7 @@ as in the paper's fixed 2048/512 setup) from random input tokens, with the parti
 decoding of `training.predictor` on a mesh of `--num_partitions`-way model parallelism (every
 host of a pod runs the command; process 0 writes the result).
 """
+import dataclasses
 import json
 import os
 import sys
@@ -66,22 +67,57 @@ def random_models(config: T5Config, groups: Sequence[int]) -> Iterator[Tuple[T5C
     yield model.config, jax.device_get(nn.meta.unbox(boxed))
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one G is decoded: `num_partitions`, `kv_batch_partitioned`, the global batch."""
+  num_partitions: int
+  kv_batch_partitioned: bool
+  batch_size: int
+
+  def partitioner(self) -> Partitioner:
+    return Partitioner(self.num_partitions, kv_batch_partitioned=self.kv_batch_partitioned)
+
+
+def parse_layouts(values: Sequence[str], default: Layout) -> Callable[[int], Layout]:
+  """`--layout G=PARTITIONS[:split][:BATCH]` values (e.g. `1=8:split:256`, `64=8::64`) ->
+  the layout of each G; a G not given takes `default`."""
+  layouts = {}
+  for value in values:
+    try:
+      groups, spec = value.split("=")
+      partitions, split, batch = (spec.split(":") + ["", ""])[:3]
+      if split not in ("", "split"):
+        raise ValueError(split)
+      layouts[int(groups)] = Layout(int(partitions), split == "split",
+                                    int(batch) if batch else default.batch_size)
+    except ValueError:
+      raise errors.UserError(f"--layout {value!r}: expected G=PARTITIONS[:split][:BATCH], e.g. "
+                             "1=8:split:256") from None
+  return lambda g: layouts.get(g, default)
+
+
 def time_groups(models: Iterable[Tuple[T5Config, Any]], inputs: int, targets: int,
-                batch_size: int, repeats: int, partitioner: Partitioner) -> list:
-  """[{'kv_heads', 'attention', 't_infer_s' (median), 't_infer_repeats_s'}] of each model."""
+                repeats: int, layout_of: Callable[[int], Layout]) -> list:
+  """[{'kv_heads', 'attention', 't_infer_s' (median), 't_infer_repeats_s', 'layout'}] of each
+  model, decoded in `layout_of(its kv_heads)`."""
   points = []
   for config, params in models:
+    layout = layout_of(config.num_kv_heads)
     tokens = np.random.default_rng(0).integers(
-        2, config.vocab_size, (batch_size, inputs)).astype(np.int32)
-    decoder = predictor.from_host_params(EncoderDecoderModel(config), params, partitioner)
-    times = per_sample_times(
-        lambda: decoder.predict(tokens, targets, eos_id=runners.NEVER_EOS), batch_size, repeats)
+        2, config.vocab_size, (layout.batch_size, inputs)).astype(np.int32)
+    decoder = predictor.from_host_params(EncoderDecoderModel(config), params,
+                                         layout.partitioner())
+    times = per_sample_times(lambda: decoder.predict(tokens, targets, eos_id=runners.NEVER_EOS),
+                             layout.batch_size, repeats)
     t = runners.median(times)
     points.append({"kv_heads": config.num_kv_heads, "attention": config.attention_name,
-                   "t_infer_s": t, "t_infer_repeats_s": times})
+                   "t_infer_s": t, "t_infer_repeats_s": times,
+                   "layout": dataclasses.asdict(layout)})
     if pod.is_writer():
-      print(f"fig6: {config.attention_name}: {t * 1e3:.2f} ms/sample "
-            f"(inputs {inputs}, outputs {targets}, batch {batch_size})", flush=True)
+      split = ", K/V batch-partitioned" if layout.kv_batch_partitioned else ""
+      print(f"fig6: {config.attention_name}: {t * 1e3:.2f} ms/sample (inputs {inputs}, "
+            f"outputs {targets}, batch {layout.batch_size}, model parallel "
+            f"{layout.num_partitions}{split})", flush=True)
   return points
 
 
@@ -120,6 +156,10 @@ def main(argv=None) -> int:
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--num_partitions", type=int, default=1, help="model-parallel size")
+  parser.add_argument("--layout", action="append", default=[],
+                      help="G=PARTITIONS[:split][:BATCH]: how G is decoded, e.g. gqa-plan's "
+                      "choice (split: Partitioner.kv_batch_partitioned); others: "
+                      "--num_partitions, replicated K/V, --batch_size")
   parser.add_argument("--output", required=True, help="result JSON file")
   pod.add_flags(parser)
   args = parser.parse_args(argv)
@@ -128,8 +168,8 @@ def main(argv=None) -> int:
     groups = [int(g) for g in args.groups.split(",")]
     models = converted_models(args.checkpoint, groups) if args.checkpoint else random_models(
         model_config(args.model_gin, args.gin_bindings), groups)
-    points = time_groups(models, args.inputs, args.targets, args.batch_size, args.repeats,
-                         Partitioner(args.num_partitions))
+    layout_of = parse_layouts(args.layout, Layout(args.num_partitions, False, args.batch_size))
+    points = time_groups(models, args.inputs, args.targets, args.repeats, layout_of)
   except (ValueError, OSError) as e:
     print(f"gqa_flax.reproduce.timing: error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 1
