@@ -34,7 +34,8 @@ def _bindings(large: str, xxl: str):
       "Preset.heldout_task_gin = 'reproduce/mini/span_corruption.gin'",
       "Preset.heldout_examples = 16", "Preset.heldout_batch_size = 8",
       "Preset.fig6 = {'model': 'XXL', 'groups': [1, 2, 4], 'inputs': 16, 'targets': 4, "
-      "'batch': 8}"]
+      "'batch': 8}",
+      "Preset.fig6_layouts = {1: (4, True, 8)}"]  # MQA: batch-partitioned attention
 
 
 def _wait_for(path, job: pod.Pod) -> None:
@@ -86,6 +87,9 @@ def test_paper_preset_on_the_pod_from_gs_resumes_after_a_lost_host_and_equals_on
   for scores, counts, _ in rows[0].values():
     assert set(scores) == {"gqa_mini_title"} and 0 < counts["gqa_mini_title"] <= 12, rows
   assert [p["kv_heads"] for p in tables[0]["fig6"]["points"]] == [1, 2, 4]
+  assert [p["layout"] for p in tables[0]["fig6"]["points"]] == [
+      {"num_partitions": 4, "kv_batch_partitioned": kv_split, "batch_size": 8}
+      for kv_split in (True, False, False)]
   # The held-out loss stage, sharded over the pod: the same losses as in one process.
   losses = [{e["key"]: e["loss"] for e in t["heldout"]} for t in tables]
   assert set(losses[0]) == {"large-mha", "xxl-mqa-a0-mean"}

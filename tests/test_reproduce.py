@@ -381,9 +381,15 @@ def test_paper_preset_uses_public_checkpoints_and_paper_tasks():
                                                       "GQA-8-XXL"]
   assert Variant("XXL", 8, 0.05, "mean").key == "xxl-gqa8-a0.05-mean"
   plan = Plan(preset, "/out", None)
-  names = [s.name for s in plan.stages()]
+  stages = {s.name: s for s in plan.stages()}
+  names = list(stages)
   assert not any(n.startswith(("prepare", "pretrain")) for n in names)
   assert len([n for n in names if n.startswith("finetune-")]) == 11 * 7
+  # Figure 6 decodes MQA, GQA-8 and MHA in gqa-plan's fastest layouts on v4-16.
+  timing_argv = stages["fig6-timing"].argv
+  assert ["--layout=1=2::128", "--layout=8=2::128", "--layout=64=2::64"] == [
+      a for a in timing_argv if a.startswith("--layout=")]
+  assert "--num_partitions=8" in timing_argv
 
 
 @pytest.mark.parametrize("args, message", [
