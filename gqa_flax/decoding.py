@@ -11,8 +11,8 @@ before the loop, into column panels, and each step runs on the hand-written kern
 `gqa_flax.kernels` (dense products from the panels, attention over the caches);
 `gqa_flax.kernels.available()` says whether they can run here.
 
-`layout` (a `DecodeLayout`, e.g. the training `Partitioner`) pins the cache's layout on a
-mesh, at creation and in the loop carry, and may split an attention's batch over the mesh
+`shardings` (a `DecodeShardings`, e.g. the training `Partitioner`) pins the cache's layout on
+a mesh, at creation and in the loop carry, and may split an attention's batch over the mesh
 (Pope et al. 2022's batch-partitioned multi-query attention: each device reads the K/V of its
 own rows only); `training.predictor` passes it.
 """
@@ -33,7 +33,7 @@ from gqa_flax.models.attention import MultiHeadDotProductAttention
 PyTree = dict
 
 
-class DecodeLayout(Protocol):
+class DecodeShardings(Protocol):
   """Where a decode's cache and attention live on a mesh (`Partitioner` is one)."""
 
   def cache_shardings(self, cache: PyTree) -> PyTree:
@@ -43,15 +43,15 @@ class DecodeLayout(Protocol):
     """(query/key/value sharding, output sharding) of an attention, or None: XLA's choice."""
 
 
-def _constrained(cache: PyTree, layout: Optional[DecodeLayout]) -> PyTree:
-  if layout is None:
+def _constrained(cache: PyTree, shardings: Optional[DecodeShardings]) -> PyTree:
+  if shardings is None:
     return cache
-  return jax.lax.with_sharding_constraint(cache, layout.cache_shardings(cache))
+  return jax.lax.with_sharding_constraint(cache, shardings.cache_shardings(cache))
 
 
-def _attention_in(layout: Optional[DecodeLayout]):
-  """The context in which each attention runs in `layout.attention_shardings`' layout."""
-  if layout is None:
+def _attention_in(shardings: Optional[DecodeShardings]):
+  """The context in which each attention runs in `shardings.attention_shardings`."""
+  if shardings is None:
     return contextlib.nullcontext()
 
   def intercept(next_fun, args, kwargs, context):
@@ -59,10 +59,11 @@ def _attention_in(layout: Optional[DecodeLayout]):
     if not (isinstance(module, MultiHeadDotProductAttention) and context.method_name == "attend"):
       return next_fun(*args, **kwargs)
     query, key, value, *rest = args
-    shardings = layout.attention_shardings(module.num_kv_heads, module.num_heads, query.shape[0])
-    if shardings is None:
+    attention = shardings.attention_shardings(module.num_kv_heads, module.num_heads,
+                                              query.shape[0])
+    if attention is None:
       return next_fun(*args, **kwargs)
-    inputs, output = shardings
+    inputs, output = attention
     query, key, value = (jax.lax.with_sharding_constraint(x, inputs) for x in (query, key, value))
     return jax.lax.with_sharding_constraint(next_fun(query, key, value, *rest, **kwargs), output)
 
@@ -71,10 +72,10 @@ def _attention_in(layout: Optional[DecodeLayout]):
 
 def init_decode_cache(model: Transformer, params: PyTree, encoded: jax.Array,
                       encoder_input_tokens: jax.Array, max_decode_length: int,
-                      layout: Optional[DecodeLayout] = None) -> PyTree:
+                      shardings: Optional[DecodeShardings] = None) -> PyTree:
   """The decode cache for `encoded` [batch, inputs_len, emb]: K/V computed once here."""
   bos = jnp.zeros((encoded.shape[0], 1), jnp.int32)
-  with _attention_in(layout):
+  with _attention_in(shardings):
     _, variables = model.apply({"params": params}, encoded, encoder_input_tokens, bos,
                                decode=True, max_decode_length=max_decode_length,
                                method=Transformer.decode, mutable=["cache"])
@@ -82,14 +83,14 @@ def init_decode_cache(model: Transformer, params: PyTree, encoded: jax.Array,
 
 
 def prefill(model: Transformer, params: PyTree, encoder_input_tokens: jax.Array,
-            max_decode_length: int, layout: Optional[DecodeLayout] = None
+            max_decode_length: int, shardings: Optional[DecodeShardings] = None
             ) -> Tuple[jax.Array, PyTree]:
   """encoder_input_tokens [batch, inputs_len] -> (encoded [batch, inputs_len, emb], the decode
-  cache), the cache in `layout`'s shardings when given."""
+  cache), the cache in `shardings` when given."""
   encoded = model.apply({"params": params}, encoder_input_tokens, method=Transformer.encode)
   cache = init_decode_cache(model, params, encoded, encoder_input_tokens, max_decode_length,
-                            layout)
-  return encoded, _constrained(cache, layout)
+                            shardings)
+  return encoded, _constrained(cache, shardings)
 
 
 def kernel_panels(params: PyTree) -> PyTree:
@@ -115,19 +116,19 @@ def _panels_if(model: Transformer, params: PyTree, cpu_kernels: bool) -> Optiona
 
 def decode_step(model: Transformer, params: PyTree, cache: PyTree, encoded: jax.Array,
                 encoder_input_tokens: jax.Array, tokens: jax.Array, max_decode_length: int,
-                panels: Optional[PyTree] = None, layout: Optional[DecodeLayout] = None
+                panels: Optional[PyTree] = None, shardings: Optional[DecodeShardings] = None
                 ) -> Tuple[jax.Array, PyTree]:
   """tokens [batch] at the cache's position -> (logits [batch, vocab] float32, new cache).
 
-  With `panels` (`kernel_panels(params)`) the step runs on the CPU kernels; with `layout`
-  its attention runs in the layout's shardings."""
+  With `panels` (`kernel_panels(params)`) the step runs on the CPU kernels; with `shardings`
+  its attention runs in their layout."""
   variables = {"params": params, "cache": cache}
   if panels is None:
     kernels = contextlib.nullcontext()
   else:
     variables[plugin.KERNEL_PANELS] = panels
     kernels = plugin.on_cpu_kernels()
-  with kernels, _attention_in(layout):
+  with kernels, _attention_in(shardings):
     logits, variables = model.apply(variables, encoded, encoder_input_tokens, tokens[:, None],
                                     decode=True, max_decode_length=max_decode_length,
                                     method=Transformer.decode, mutable=["cache"])
@@ -135,23 +136,23 @@ def decode_step(model: Transformer, params: PyTree, cache: PyTree, encoded: jax.
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "eos_id",
-                                             "cpu_kernels", "layout"))
+                                             "cpu_kernels", "shardings"))
 def greedy_decode(model: Transformer, params: PyTree, encoder_input_tokens: jax.Array,
                   max_decode_length: int, eos_id: int = 1, cpu_kernels: bool = False,
-                  layout: Optional[DecodeLayout] = None) -> jax.Array:
+                  shardings: Optional[DecodeShardings] = None) -> jax.Array:
   """encoder_input_tokens [batch, inputs_len] -> tokens [batch, max_decode_length].
 
   Each sequence's tokens after its EOS are 0 (padding), as in T5X.
   """
   batch = encoder_input_tokens.shape[0]
-  encoded, cache = prefill(model, params, encoder_input_tokens, max_decode_length, layout)
+  encoded, cache = prefill(model, params, encoder_input_tokens, max_decode_length, shardings)
   panels = _panels_if(model, params, cpu_kernels)
 
   def body(state):
     i, cache, token, out, done = state
     logits, cache = decode_step(model, params, cache, encoded, encoder_input_tokens, token,
-                                max_decode_length, panels, layout)
-    cache = _constrained(cache, layout)
+                                max_decode_length, panels, shardings)
+    cache = _constrained(cache, shardings)
     token = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
     return i + 1, cache, token, out.at[:, i].set(token), done | (token == eos_id)
 
@@ -183,11 +184,11 @@ def _gather_beams(tree: PyTree, beam_indices: jax.Array, batch: int, beams: int)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "beam_size", "eos_id",
-                                             "cpu_kernels", "layout"))
+                                             "cpu_kernels", "shardings"))
 def beam_search(model: Transformer, params: PyTree, encoder_input_tokens: jax.Array,
                 max_decode_length: int, beam_size: int = 4, alpha: float = 0.6,
                 eos_id: int = 1, cpu_kernels: bool = False,
-                layout: Optional[DecodeLayout] = None) -> Tuple[jax.Array, jax.Array]:
+                shardings: Optional[DecodeShardings] = None) -> Tuple[jax.Array, jax.Array]:
   """T5X-style beam search with length penalty `alpha`.
 
   Returns (tokens [batch, beam_size, max_decode_length], scores [batch, beam_size]),
@@ -196,7 +197,7 @@ def beam_search(model: Transformer, params: PyTree, encoder_input_tokens: jax.Ar
   batch = encoder_input_tokens.shape[0]
   k = beam_size
   inputs = jnp.repeat(encoder_input_tokens, k, axis=0)  # [batch*beams, inputs_len]
-  encoded, cache = prefill(model, params, inputs, max_decode_length, layout)
+  encoded, cache = prefill(model, params, inputs, max_decode_length, shardings)
   panels = _panels_if(model, params, cpu_kernels)
   neg_inf = jnp.array(-1e7, jnp.float32)
 
@@ -204,7 +205,7 @@ def beam_search(model: Transformer, params: PyTree, encoder_input_tokens: jax.Ar
     i, cache, live_seqs, live_logp, fin_seqs, fin_scores, fin_flags = state
     prev = jnp.where(i == 0, 0, live_seqs[:, :, jnp.maximum(i - 1, 0)]).reshape(-1)
     logits, cache = decode_step(model, params, cache, encoded, inputs, prev, max_decode_length,
-                                panels, layout)
+                                panels, shardings)
     vocab = logits.shape[-1]
     logp = live_logp[:, :, None] + jax.nn.log_softmax(logits).reshape(batch, k, vocab)
     top_logp, top_ids = jax.lax.top_k(logp.reshape(batch, k * vocab), 2 * k)
@@ -222,7 +223,7 @@ def beam_search(model: Transformer, params: PyTree, encoder_input_tokens: jax.Ar
     live_logp, best = jax.lax.top_k(jnp.where(is_eos, neg_inf, top_logp), k)
     live_seqs = _gather_beams(seqs, best, batch, 2 * k)
     cache = _gather_beams(cache, _gather_beams(top_beams, best, batch, 2 * k), batch, k)
-    cache = _constrained(cache, layout)
+    cache = _constrained(cache, shardings)
     return i + 1, cache, live_seqs, live_logp, fin_seqs, fin_scores, fin_flags
 
   def cond(state):

@@ -109,7 +109,7 @@ class Predictor:
     key = (max_decode_length, beam_size, alpha, eos_id)
     if key not in self._decoders:
       common = dict(max_decode_length=max_decode_length, eos_id=eos_id,
-                    cpu_kernels=self.cpu_kernels, layout=self.partitioner)
+                    cpu_kernels=self.cpu_kernels, shardings=self.partitioner)
       if beam_size == 1:
         fn = functools.partial(decoding.greedy_decode, self.model.module, **common)
       else:
@@ -127,7 +127,7 @@ class Predictor:
     key = ("prefill", max_decode_length)
     if key not in self._decoders:
       prefill = functools.partial(decoding.prefill, self.model.module,
-                                  max_decode_length=max_decode_length, layout=self.partitioner)
+                                  max_decode_length=max_decode_length, shardings=self.partitioner)
       data = self.partitioner.batch_sharding()
       self._decoders[key] = jax.jit(prefill, in_shardings=(self.param_shardings, data))
     return self._decoders[key]
@@ -139,7 +139,7 @@ class Predictor:
     caches = self.partitioner.cache_shardings(cache)
     data = self.partitioner.batch_sharding()
     step = functools.partial(decoding.decode_step, self.model.module,
-                             max_decode_length=max_decode_length, layout=self.partitioner)
+                             max_decode_length=max_decode_length, shardings=self.partitioner)
     return jax.jit(step, in_shardings=(self.param_shardings, caches, data, data, data),
                    out_shardings=(data, caches), donate_argnums=(1,))
 
