@@ -170,9 +170,8 @@ def plan_decode(config: T5Config, topology: Topology, layout: DecodeLayout, batc
 
 def best_decode_plan(config: T5Config, topology: Topology, layout: DecodeLayout,
                      inputs_len: int, targets_len: int, max_batch_per_chip: int
-                     ) -> Tuple[Optional[DecodePlan], List[DecodePlan]]:
-  """(the plan at the largest per-chip batch, powers of two, that fits or None, every plan
-  compiled on the way down)."""
+                     ) -> Optional[DecodePlan]:
+  """The plan at the largest per-chip batch (powers of two) that fits, or None."""
   def compile_at(batch_per_chip):
     p = plan_decode(config, topology, layout, batch_per_chip, inputs_len, targets_len)
     compiled = [c for c in (p.prefill, p.step, p.program) if c is not None]
@@ -185,7 +184,7 @@ def best_decode_plan(config: T5Config, topology: Topology, layout: DecodeLayout,
 
   best, tried = search.largest_fitting(compile_at, search.powers_of_two(max_batch_per_chip),
                                        topology.hbm_bytes)
-  return (None if best is None else tried[best]), [tried[b] for b in sorted(tried)]
+  return None if best is None else tried[best]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +200,7 @@ class LayoutSearch:
 
   def to_json(self, topology: Topology) -> dict:
     best = self.best
-    return {"model": f"{self.config.attention_name}", "num_heads": self.config.num_heads,
+    return {"model": self.config.attention_name, "num_heads": self.config.num_heads,
             "num_kv_heads": self.config.num_kv_heads,
             "best": None if best is None else best.to_json(),
             "candidates": [{"layout": layout.describe(topology),
@@ -217,5 +216,5 @@ def search_layouts(config: T5Config, topology: Topology, inputs_len: int, target
   up to `max_batch_per_chip`; the fastest on the roofline is `best`."""
   return LayoutSearch(config, tuple(
       (layout, best_decode_plan(config, topology, layout, inputs_len, targets_len,
-                                max_batch_per_chip)[0])
+                                max_batch_per_chip))
       for layout in candidates or layouts(config, topology)))

@@ -10,8 +10,6 @@ and one step) for MHA, MQA and GQA-G variants of the model at the largest batch 
 --max_decode_batch_per_chip that fits. Prints per-chip memory against HBM, flops, bytes
 accessed, and times on the chip's roofline and from XLA's cost model.
 """
-import json
-import os
 import sys
 from typing import List
 
@@ -22,6 +20,7 @@ from gqa_flax import errors
 from gqa_flax.planning import decode_plan, report, search, table1, train_plan
 from gqa_flax.planning.job import Job
 from gqa_flax.planning.topology import Topology, TopologyPartitioner, get_topology
+from gqa_flax.reproduce.timing import write_json
 from gqa_flax.training import gin_utils
 
 flags.DEFINE_string("topology", "v4-8", "TPU slice by its Cloud name (v4-8 is 4 chips).")
@@ -88,7 +87,7 @@ def plan_decoding(job: Job, topology: Topology) -> str:
              for kv in (config.num_heads, 1, groups)]
   searches = [_search(c, topology, job.num_partitions) for c in configs]
   if FLAGS.json_out:
-    _write_json(FLAGS.json_out, [s.to_json(topology) for s in searches])
+    write_json(FLAGS.json_out, [s.to_json(topology) for s in searches])
   return report.decode_table(searches, topology, FLAGS.decode_inputs_len,
                              FLAGS.decode_targets_len)
 
@@ -112,13 +111,6 @@ def _kv_batch_partitioned() -> bool:
     return False
 
 
-def _write_json(path: str, content) -> None:
-  """`content` as JSON at `path`, written whole or not at all."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(content, f, indent=1)
-  os.replace(tmp, path)
-
 
 def _check_model_bound() -> None:
   try:
@@ -136,7 +128,7 @@ def main() -> None:
                                      FLAGS.decode_targets_len, FLAGS.max_decode_batch_per_chip,
                                      [int(g) for g in FLAGS.figure6_groups])
     if FLAGS.json_out:
-      _write_json(FLAGS.json_out, searches)
+      write_json(FLAGS.json_out, searches)
     print(text)
     return
   _check_model_bound()

@@ -128,7 +128,7 @@ def model_config(model_gin: str, bindings: Sequence[str]) -> T5Config:
   return gin.query_parameter("%MODEL").scoped_configurable_fn().config
 
 
-def write_json(path: str, data: dict) -> None:
+def write_json(path: str, data: Any) -> None:
   """Writes `data` to `path` at once: a local file through a temporary file renamed into
   place, an object store's (gs://) in one object write (atomic there)."""
   path = epath.Path(path)
