@@ -6,6 +6,7 @@ shards' bytes, at most those bytes with the two minor dims padded to TPU tiles (
 the analytic matmul + attention count (training = 3 x forward).
 """
 import dataclasses
+import importlib.metadata
 import json
 import math
 import subprocess
@@ -21,7 +22,8 @@ import pytest
 pytest.importorskip("libtpu", reason='needs the tpu extra: pip install -c constraints.txt -e ".[tpu]"')
 
 # pylint: disable=wrong-import-position
-from gqa_flax.planning import decode_plan, search, train_plan
+from gqa_flax import errors
+from gqa_flax.planning import decode_plan, search, table1, train_plan
 from gqa_flax.planning.compiled import CompiledStep
 from gqa_flax.planning.job import Job
 from gqa_flax.planning.topology import TopologyPartitioner, get_topology
@@ -238,6 +240,36 @@ def test_layout_search_keeps_the_fastest_that_fits_and_reports_what_does_not(job
   report = tight.to_json(small)
   assert [c["fits"] for c in report["candidates"]] == [need[l] <= hbm for l in layouts]
   assert report["best"]["layout"] == tight.best.layout.describe(small)
+
+
+@pytest.mark.slow  # ~20 s: one search, 4 layouts x 3 programs
+def test_table1_searches_are_saved_as_they_finish_and_reused_with_the_same_settings(
+    topology, tmp_path, monkeypatch):
+  path = str(tmp_path / "table1.json")
+  store = table1.SavedSearches(path, topology, INPUTS, TARGETS, 1)
+  found = store.search("tiny", 1)  # MQA: 4 layouts, one of them batch-partitioned
+  saved = json.loads((tmp_path / "table1.json").read_text())
+  assert saved["settings"] == {"topology": "v4-8", "inputs_len": INPUTS, "targets_len": TARGETS,
+                               "max_batch_per_chip": 1, "jax": jax.__version__,
+                               "libtpu": importlib.metadata.version("libtpu")}
+  assert list(saved["searches"]) == ["MQA-Tiny"]
+  # Read back: the same layouts, plans and times, nothing compiled.
+  compiled = []
+  monkeypatch.setattr(decode_plan, "search_layouts", lambda *args: compiled.append(args) or found)
+  again = table1.SavedSearches(path, topology, INPUTS, TARGETS, 1).search("tiny", 1)
+  assert not compiled
+  assert again.to_json(topology) == found.to_json(topology)
+  assert [l for l, _ in again.candidates] == [l for l, _ in found.candidates]
+  assert again.best.seconds_per_sample == found.best.seconds_per_sample
+  assert again.best.fits(topology.hbm_bytes)
+  # Other settings are searched again, and the file then holds this run's searches.
+  other = table1.SavedSearches(path, topology, INPUTS, 2 * TARGETS, 1)
+  other.search("tiny", 1)
+  assert len(compiled) == 1 and compiled[0][3] == 2 * TARGETS
+  assert json.loads((tmp_path / "table1.json").read_text())["settings"]["targets_len"] == 2 * TARGETS
+  (tmp_path / "table1.json").write_text("{")
+  with pytest.raises(errors.UserError, match="table1.json is not gqa-plan's JSON"):
+    table1.SavedSearches(path, topology, INPUTS, TARGETS, 1)
 
 
 def test_largest_fitting_goes_top_down():

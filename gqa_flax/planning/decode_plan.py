@@ -58,6 +58,14 @@ class DecodeLayout:
   def gin_flags(self) -> str:
     return " ".join(f"--gin.{binding.replace(' = ', '=')}" for binding in self.gin_bindings)
 
+  def to_json(self, topology: Topology) -> dict:
+    return {"layout": self.describe(topology), "num_partitions": self.num_partitions,
+            "kv_batch_partitioned": self.kv_batch_partitioned}
+
+  @classmethod
+  def from_json(cls, data: dict) -> "DecodeLayout":
+    return cls(data["num_partitions"], data["kv_batch_partitioned"])
+
 
 def layouts(config: T5Config, topology: Topology) -> List[DecodeLayout]:
   """Every mesh data x model of the slice's devices (model axis a power of two), each with
@@ -112,12 +120,23 @@ class DecodePlan:
     """The plan's numbers (per device: bytes; per run: flops, seconds)."""
     hbm = self.topology.hbm_bytes
     programs = {"prefill": self.prefill, "step": self.step, "program": self.program}
-    return {"layout": self.layout.describe(self.topology),
+    return {**self.layout.to_json(self.topology),
             "gin_bindings": list(self.layout.gin_bindings), "batch_per_chip": self.batch_per_chip,
             "fits": self.fits(hbm), "seconds_per_sample": self.seconds_per_sample,
             "xla_seconds_per_sample": self.xla_seconds_per_sample,
             **{name: None if p is None else dict(dataclasses.asdict(p), total_bytes=p.total_bytes)
                for name, p in programs.items()}}
+
+  @classmethod
+  def from_json(cls, config: T5Config, topology: Topology, targets_len: int, data: dict
+                ) -> "DecodePlan":
+    """The plan `to_json` wrote (for `config` decoding `targets_len` tokens on `topology`)."""
+    def program(name):
+      fields = data[name]
+      return None if fields is None else CompiledStep(
+          **{f.name: fields[f.name] for f in dataclasses.fields(CompiledStep)})
+    return cls(config, DecodeLayout.from_json(data), data["batch_per_chip"] * topology.num_chips,
+               topology, targets_len, program("prefill"), program("step"), program("program"))
 
 
 def _with_shardings(tree, shardings):
@@ -203,10 +222,18 @@ class LayoutSearch:
     return {"model": self.config.attention_name, "num_heads": self.config.num_heads,
             "num_kv_heads": self.config.num_kv_heads,
             "best": None if best is None else best.to_json(),
-            "candidates": [{"layout": layout.describe(topology),
-                            "fits": plan is not None,
+            "candidates": [{**layout.to_json(topology), "fits": plan is not None,
                             "plan": None if plan is None else plan.to_json()}
                            for layout, plan in self.candidates]}
+
+  @classmethod
+  def from_json(cls, config: T5Config, topology: Topology, targets_len: int, data: dict
+                ) -> "LayoutSearch":
+    """The search `to_json` wrote, its plans' numbers as compiled then (nothing recompiled)."""
+    return cls(config, tuple(
+        (DecodeLayout.from_json(c), None if c["plan"] is None else
+         DecodePlan.from_json(config, topology, targets_len, c["plan"]))
+        for c in data["candidates"]))
 
 
 def search_layouts(config: T5Config, topology: Topology, inputs_len: int, targets_len: int,

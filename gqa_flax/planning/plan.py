@@ -39,7 +39,9 @@ flags.DEFINE_bool("search_layouts", True, "Decoding: compile every layout of the
                   "data x model; K/V heads the model axis does not divide replicated or "
                   "batch-partitioned) and keep the fastest; false: only the config's own.")
 flags.DEFINE_string("json_out", None, "Also write the decoding plans, every layout tried, as "
-                    "JSON to this file.")
+                    "JSON to this file. With --table1 each model's search is saved there as "
+                    "it finishes, and searches saved there with the same settings are reused "
+                    "(an interrupted run, or more --figure6_groups, compiles only what is new).")
 flags.DEFINE_bool("table1", False, "Print the simulated Table 1 T_infer and Figure 6 for "
                   "T5.1.1-XXL next to the paper's measurements (ignores --gin_file).")
 flags.DEFINE_list("figure6_groups", [str(g) for g in table1.FIGURE6_GROUPS],
@@ -124,12 +126,9 @@ def _check_model_bound() -> None:
 def main() -> None:
   topology = get_topology(FLAGS.topology)
   if FLAGS.table1:
-    text, searches = table1.simulate(topology, FLAGS.decode_inputs_len,
-                                     FLAGS.decode_targets_len, FLAGS.max_decode_batch_per_chip,
-                                     [int(g) for g in FLAGS.figure6_groups])
-    if FLAGS.json_out:
-      write_json(FLAGS.json_out, searches)
-    print(text)
+    searches = table1.SavedSearches(FLAGS.json_out, topology, FLAGS.decode_inputs_len,
+                                    FLAGS.decode_targets_len, FLAGS.max_decode_batch_per_chip)
+    print(table1.simulate(searches, [int(g) for g in FLAGS.figure6_groups]))
     return
   _check_model_bound()
   job = Job()
