@@ -106,19 +106,25 @@ def test_measurements_stack_each_variants_seeds_in_seed_order():
   np.testing.assert_array_equal(found["time/g2"], [[5, 6]])
 
 
-def test_grouping_claims_compare_grouped_with_mean_pooling_and_only_where_a_preset_has_them():
+@pytest.mark.parametrize("method,ids", [("grouped", ("E1", "E2")), ("aligned", ("E3", "E4"))])
+def test_beyond_mean_claims_compare_with_mean_pooling_and_only_where_a_preset_has_them(
+    method, ids):
   rng = np.random.default_rng(1)
   base = rng.normal(4.0, 1.0, (3, 200))
   measurements = {claims.heldout("mini", 2, 0.0): base + 0.3,
-                  claims.heldout("mini", 2, 0.0, "grouped"):
+                  claims.heldout("mini", 2, 0.0, method):
                       base + 0.2 + rng.normal(0, .01, base.shape),
                   claims.heldout("mini", 2): base + 0.1,
-                  claims.heldout("mini", 2, method="grouped"):
+                  claims.heldout("mini", 2, method=method):
                       base + 0.1 + rng.normal(0, .01, base.shape)}
-  e1, e2 = (claims.evaluate(c, measurements) for c in claims.grouping_claims("mini", 2))
-  assert e1["measure"] == "L_GQA,mean,a=0 - L_GQA,grouped,a=0"
-  assert e1["verdict"] == "reproduced" and e1["estimate"] == pytest.approx(0.1, abs=0.01)
-  assert e2["verdict"] == "inconclusive" and abs(e2["estimate"]) < 0.01
+  first, second = (claims.evaluate(c, measurements)
+                   for c in claims.conversion_claims("mini", 2, method))
+  assert (first["id"], second["id"]) == ids
+  assert first["measure"] == f"L_GQA,mean,a=0 - L_GQA,{method},a=0"
+  assert first["verdict"] == "reproduced" and first["estimate"] == pytest.approx(0.1, abs=0.01)
+  assert second["verdict"] == "inconclusive" and abs(second["estimate"]) < 0.01
   mini = {c.id: c for c in claims.preset_claims(load_preset("mini"))}
-  assert mini["E1"].needs == ("heldout/mini-gqa2-a0-mean", "heldout/mini-gqa2-a0-grouped")
-  assert not {"E1", "E2"} & {c.id for c in claims.preset_claims(load_preset("smoke"))}
+  assert mini[ids[0]].needs == ("heldout/mini-gqa2-a0-mean", f"heldout/mini-gqa2-a0-{method}")
+  assert mini[ids[1]].needs == ("heldout/mini-gqa2-a0.05-mean",
+                                f"heldout/mini-gqa2-a0.05-{method}")
+  assert not set(ids) & {c.id for c in claims.preset_claims(load_preset("smoke"))}

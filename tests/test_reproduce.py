@@ -145,7 +145,7 @@ def test_plan_runs_the_project_entry_points(tmp_path):
   assert f'--gin.MODEL_DIR="{tmp_path}/runs/uptrain-mini-mqa-mean-s0"' in uptrain
   assert "--gin.TRAIN_STEPS=1575" in stages["uptrain-mini-gqa4-first-s0"].argv
   names = list(stages)
-  assert len([n for n in names if n.startswith("uptrain-")]) == 11 * 3  # 11 conversions
+  assert len([n for n in names if n.startswith("uptrain-")]) == 14 * 3  # 14 conversions
   assert stages["convert-mini-mqa-random-s0"].argv[1:3] == ["-m", "gqa_flax.convert"]
   assert "--method=random" in stages["convert-mini-mqa-random-s0"].argv
   # Fine-tuning: Table 1's variants only (MHA from the pre-trained checkpoint), per seed.
@@ -157,7 +157,7 @@ def test_plan_runs_the_project_entry_points(tmp_path):
           in stages["finetune-mini-mha-s1-gqa_mini_ende"].argv)
   assert len([n for n in names if n.startswith("finetune-")]) == 3 * 3 * 2
   assert {"pretrain-mini", "pretrain-micro"} <= set(names)
-  assert len(preset.variants) == 19 and len(preset.table_variants) == 3
+  assert len(preset.variants) == 22 and len(preset.table_variants) == 3
   # The held-out losses: every conversion right after it (alpha 0) and every uptrained run.
   heldout = stages["heldout"].argv
   assert heldout[1:3] == ["-m", "gqa_flax.reproduce.heldout"]
@@ -204,9 +204,15 @@ def test_every_run_after_pretraining_takes_each_seed(tmp_path):
   assert checkpoints["heldout/mini-mqa-a0-mean/s3"] == checkpoints["heldout/mini-mqa-a0-mean/s7"]
   assert checkpoints["heldout/mini-mqa-a0-random/s3"] != checkpoints[
       "heldout/mini-mqa-a0-random/s7"]
-  # MHA of mini and micro; 11 conversions (G = 1, 2, 4 x mean, first, random; G = 2, 4
+  # MHA of mini and micro; 14 conversions (G = 1, 2, 4 x mean, first, random, aligned; G = 2, 4
   # grouped) at alpha 0 and 0.05; MQA and GQA-2 by mean at 0.025, 0.1 and 0.2.
-  assert len(checkpoints) == 2 * len(plan.heldout_variants()) == 2 * (2 + 11 * 2 + 6)
+  assert len(checkpoints) == 2 * len(plan.heldout_variants()) == 2 * (2 + 14 * 2 + 6)
+  # Aligned conversions calibrate on the pre-training task's train examples; the others do not.
+  aligned = stages["convert-mini-gqa2-aligned"].argv
+  assert "--method=aligned" in aligned
+  assert "--calibration_task_gin=reproduce/mini/span_corruption.gin" in aligned
+  assert "--calibration_examples=512" in aligned
+  assert not any(a.startswith("--calibration") for a in stages["convert-mini-gqa2-mean"].argv)
 
 
 def test_finetune_variants_must_be_variants_and_hold_the_table():
@@ -323,6 +329,11 @@ def test_table_rows_combine_the_seeds_and_carry_the_held_out_interval(tmp_path):
 def test_bad_seeds_are_refused(seeds):
   with pytest.raises(ValueError, match="seeds must be distinct non-negative integers"):
     load_preset("smoke", [f"Preset.seeds = {seeds}"])
+
+
+def test_calibration_without_a_task_is_refused():
+  with pytest.raises(ValueError, match="calibration_examples calibrates on heldout_task_gin's"):
+    load_preset("smoke", ["Preset.calibration_examples = 64", "Preset.heldout_task_gin = ''"])
 
 
 def test_kv_bound_timing_times_each_group_of_a_model_shape_with_random_weights(tmp_path):

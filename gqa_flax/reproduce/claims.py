@@ -98,27 +98,35 @@ def paper_claims(model: str, smaller_model: str, gqa_groups: int, mid_groups: in
   ]
 
 
-def grouping_claims(model: str, groups: int) -> List[Claim]:
-  """Beyond the paper (`gqa-convert --method grouped`): grouping alike key/value heads before
-  mean pooling against pooling neighbouring heads, GQA-`groups` of `model`."""
+# Conversions beyond the paper, each against mean pooling: method -> (claim ids, what it does).
+BEYOND_MEAN = {"grouped": (("E1", "E2"), "grouping alike heads before pooling"),
+               "aligned": (("E3", "E4"), "aligning heads by orthogonal rotations and grouping "
+                           "alike heads before pooling")}
+
+
+def conversion_claims(model: str, groups: int, method: str = "grouped") -> List[Claim]:
+  """Beyond the paper (`gqa-convert --method grouped|aligned`): `method` against mean-pooling
+  neighbouring key/value heads, GQA-`groups` of `model`, right after conversion and after
+  uptraining."""
+  ids, does = BEYOND_MEAN[method]
   claims = []
-  for claim_id, alpha, when in (("E1", 0.0, "right after conversion"),
-                                ("E2", UPTRAINED, f"after uptraining for alpha = {UPTRAINED}")):
-    grouped = heldout(model, groups, alpha, "grouped")
+  for claim_id, alpha, when in zip(ids, (0.0, UPTRAINED), (
+      "right after conversion", f"after uptraining for alpha = {UPTRAINED}")):
+    other = heldout(model, groups, alpha, method)
     mean = heldout(model, groups, alpha)
     claims.append(Claim(
-        claim_id, f"beyond the paper: grouping alike heads before pooling (--method grouped) "
-        f"beats mean-pooling neighbouring heads, GQA-{groups} {when}",
-        f"L_GQA,mean,a={alpha:g} - L_GQA,grouped,a={alpha:g}", (mean, grouped),
-        lambda mean, grouped: mean - grouped, ">", 0.0))
+        claim_id, f"beyond the paper: {does} (--method {method}) beats mean-pooling "
+        f"neighbouring heads, GQA-{groups} {when}",
+        f"L_GQA,mean,a={alpha:g} - L_GQA,{method},a={alpha:g}", (mean, other),
+        lambda mean, other: mean - other, ">", 0.0))
   return claims
 
 
 def preset_claims(preset) -> List[Claim]:
   """C1-C6 for a reproduction preset: its Table 1 GQA variant's model and groups (the largest
   G below the heads among the table's variants, else among all), another model's MHA for C6,
-  Figure 6's groups; with `grouped` variants, E1-E2 on the GQA variant's groups (else the
-  first grouped variant's)."""
+  Figure 6's groups; with uptrained `grouped` (`aligned`) variants, E1-E2 (E3-E4) on the GQA
+  variant's groups (else the first such variant's)."""
   is_gqa = lambda v: v.kv_heads not in (None, 1)
   candidates = [v for v in preset.table_variants if is_gqa(v)] or [
       v for v in preset.variants if is_gqa(v)]
@@ -130,10 +138,11 @@ def preset_claims(preset) -> List[Claim]:
   mid = 8 if 8 in groups[1:-1] else groups[len(groups) // 2]
   claims = paper_claims(model, smaller, gqa.kv_heads if gqa else 8, mid, groups[-1],
                         kv_bound=bool(preset.fig6_kv_bound))
-  grouped = [v for v in preset.variants if v.method == "grouped"]
-  if grouped:
-    chosen = next((v for v in grouped if gqa and v.kv_heads == gqa.kv_heads), grouped[0])
-    claims += grouping_claims(chosen.model, chosen.kv_heads)
+  for method in BEYOND_MEAN:
+    beyond = [v for v in preset.variants if v.method == method and v.alpha == UPTRAINED]
+    if beyond:
+      chosen = next((v for v in beyond if gqa and v.kv_heads == gqa.kv_heads), beyond[0])
+      claims += conversion_claims(chosen.model, chosen.kv_heads, method)
   return claims
 
 

@@ -3,7 +3,7 @@
 A variant is a tuple (model, kv_heads, alpha, method): `model` names an entry of
 `Preset.models`, kv_heads None keeps multi-head attention, alpha is the uptraining
 proportion of the pre-training steps and method the conversion (`gqa-convert --method`:
-mean, first, random, grouped).
+mean, first, random, grouped, aligned).
 """
 import dataclasses
 import os
@@ -69,6 +69,9 @@ class Preset:
   heldout_task_gin, heldout_examples, heldout_batch_size: the held-out loss stage (the claims'
     measure): every variant's loss, right after conversion and after uptraining, on the first
     `heldout_examples` validation examples of the task gin file's task (0: no such stage).
+  calibration_examples: `aligned` conversions align the heads in the metric of their
+    key/value inputs on the first this many train examples of `heldout_task_gin`'s task (the
+    pre-training task; `gqa-convert --calibration_task_gin`); 0: on the kernels alone.
   seeds: the seeds of everything after pre-training that is random: the `random` conversion,
     the uptraining and fine-tuning data order and dropout (RANDOM_SEED). Each seed is a run of
     its own (stage names end in -s<seed>); the claims' intervals combine them.
@@ -104,6 +107,7 @@ class Preset:
   heldout_task_gin: str = ""
   heldout_examples: int = 0
   heldout_batch_size: int = 8
+  calibration_examples: int = 0
   seeds: Sequence[int] = (0,)
   finetune_variants: Sequence[Tuple] = ()
   fig6_kv_bound: Dict[str, object] = dataclasses.field(default_factory=dict)
@@ -126,6 +130,9 @@ class Preset:
                                f"use one of {', '.join(METHODS)}")
       if v.alpha < 0:
         raise errors.UserError(f"preset {self.name}: variant {v.key} has negative alpha {v.alpha}")
+    if self.calibration_examples and not self.heldout_task_gin:
+      raise errors.UserError(f"preset {self.name}: calibration_examples calibrates on "
+                             "heldout_task_gin's task; set Preset.heldout_task_gin too")
     finetuned = tuple(Variant(*v) for v in self.finetune_variants) or parsed
     table = tuple(Variant(*v) for v in self.table_variants)
     for field, chosen, among in (("finetune_variants", finetuned, parsed),

@@ -86,6 +86,15 @@ class Plan:
     run = f"convert-{v.model}-{v.attention_id}-{v.method}".lower()
     return f"{run}-s{seed}" if v.method == "random" else run
 
+  def _calibration(self, v: Variant) -> List[str]:
+    """gqa-convert's calibration flags of an `aligned` conversion (none: kernels alone)."""
+    p = self.preset
+    if v.method != "aligned" or not p.calibration_examples:
+      return []
+    return [f"--calibration_task_gin={p.heldout_task_gin}",
+            f"--calibration_examples={p.calibration_examples}",
+            f"--calibration_batch_size={p.heldout_batch_size}"]
+
   def _uptrain_run(self, v: Variant, seed: int) -> str:
     return f"uptrain-{v.model}-{v.attention_id}-{v.method}-s{seed}".lower()
 
@@ -144,7 +153,7 @@ class Plan:
             "gqa_flax.convert", f"--src={self.pretrained(v.model)}",
             f"--dst={self.run_dir(convert)}", f"--num_kv_heads={v.kv_heads}",
             f"--method={v.method}", *([f"--seed={seed}"] if v.method == "random" else []),
-            "--overwrite")))
+            *self._calibration(v), "--overwrite")))
         uptrain = self._uptrain_run(v, seed)
         if p.uptrain_steps(v) and uptrain not in stages:
           add(self._uptrain_stage(v, seed, self._step_dir(convert, p.pretrain_steps)))
