@@ -17,7 +17,6 @@ import jax
 import numpy as np
 
 from gqa_flax import errors, pod
-from gqa_flax.checkpoints.arrays import unflatten
 from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.checkpoints.convert import (DTYPES, METHODS, convert_checkpoint,
                                           discard_temporary_at_exit)
@@ -72,10 +71,9 @@ def _calibration_grams(args: argparse.Namespace) -> Dict[str, np.ndarray]:
     raise errors.UserError(f"--calibration_task_gin calibrates --method aligned, not "
                            f"{args.method}; drop it or pass --method aligned")
   source = open_checkpoint(args.src)
-  params = unflatten({name: np.asarray(array.read()) for name, array in source.arrays.items()})
   cfg = data_pipeline.from_task_gin(args.calibration_task_gin, args.calibration_split,
                                     args.calibration_batch_size)
-  return calibration.kv_input_grams(source.config, params,
+  return calibration.kv_input_grams(source.config, source.arrays,
                                     calibration.task_batches(cfg, args.calibration_examples))
 
 

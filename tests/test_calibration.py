@@ -8,7 +8,7 @@ from flax.linen import meta
 
 from gqa_flax import calibration, checkpoints
 from gqa_flax.checkpoints import orbax_format
-from gqa_flax.checkpoints.arrays import flatten
+from gqa_flax.checkpoints.arrays import LazyArray, flatten
 from gqa_flax.checkpoints.convert import convert_arrays
 from gqa_flax.convert import main
 from gqa_flax.models import Transformer, t5_1_1_config
@@ -31,7 +31,13 @@ def test_grams_are_those_of_the_normalised_inputs_without_padding():
            "decoder_input_tokens": np.array([[0, 6, 4, 0], [0, 3, 5, 7]]),
            "decoder_target_tokens": np.array([[6, 4, 1, 0], [3, 5, 7, 1]])}
   batches = [batch, {k: rng.integers(1, 600, v.shape) for k, v in batch.items()}]
-  grams = calibration.kv_input_grams(CONFIG, params, batches)
+  read = []
+  arrays = {name: LazyArray(value.shape, value.dtype, lambda name=name, value=value: read.append(
+      name) or np.asarray(value)) for name, value in flatten(params).items()}
+  grams = calibration.kv_input_grams(CONFIG, arrays, batches)
+  # Streaming: each array read once, the decoder's final norm and logits never.
+  assert sorted(read) == sorted(n for n in arrays if not n.startswith(
+      ("decoder/decoder_norm", "decoder/logits_dense")))
   assert sorted(grams) == [f"decoder/layers_{i}/{kind}" for i in range(2)
                            for kind in ("encoder_decoder_attention", "self_attention")]
   expected = {}

@@ -4,7 +4,7 @@ The parameter tree is T5X's, name for name (`token_embedder`, `encoder/layers_{i
 `decoder/layers_{i}/{self_attention,encoder_decoder_attention}`, `decoder/logits_dense`, ...),
 so T5X checkpoints load without renaming. The encoder's attention is always multi-head.
 """
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -74,10 +74,45 @@ class DecoderLayer(nn.Module):
     return x + _dropout(cfg)(y, deterministic=deterministic)
 
 
-def _relpos(config: T5Config, bidirectional: bool) -> layers.RelativePositionBiases:
+def relative_position_biases(config: T5Config, bidirectional: bool
+                             ) -> layers.RelativePositionBiases:
+  """A stack's bias table (`relpos_bias`): bidirectional in the encoder, causal in the decoder."""
   return layers.RelativePositionBiases(config.num_heads, config.relative_attention_num_buckets,
                                        config.relative_attention_max_distance, bidirectional,
                                        name="relpos_bias")
+
+
+RelativePositionBias = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def encoder_bias(relpos: RelativePositionBias, encoder_input_tokens: jax.Array,
+                 encoder_segment_ids: Optional[jax.Array] = None) -> jax.Array:
+  """[batch, heads, inputs_len, inputs_len]: the encoder's attention bias, relative positions
+  (`relpos(query_positions, key_positions)`) plus padding and segment masking."""
+  positions = jnp.arange(encoder_input_tokens.shape[1])
+  mask = _attention_mask(encoder_input_tokens, encoder_input_tokens,
+                         encoder_segment_ids, encoder_segment_ids)
+  return relpos(positions, positions) + mask_to_bias(mask)
+
+
+def teacher_forced_biases(relpos: RelativePositionBias, encoder_input_tokens: jax.Array,
+                          decoder_input_tokens: jax.Array,
+                          decoder_target_tokens: Optional[jax.Array] = None,
+                          encoder_segment_ids: Optional[jax.Array] = None,
+                          decoder_segment_ids: Optional[jax.Array] = None
+                          ) -> Tuple[jax.Array, jax.Array]:
+  """The teacher-forced decoder's self-attention bias [batch, heads, q_len, q_len] (relative
+  positions, causal, padding, segments) and cross-attention bias [batch, 1, q_len, inputs_len]."""
+  # Without targets every position is real (decoder input 0 is BOS, not padding).
+  targets = (jnp.ones_like(decoder_input_tokens) if decoder_target_tokens is None
+             else decoder_target_tokens)
+  positions = jnp.arange(decoder_input_tokens.shape[1])
+  causal = positions[None, :] <= positions[:, None]
+  self_mask = _attention_mask(targets, targets, decoder_segment_ids, decoder_segment_ids)
+  self_bias = relpos(positions, positions) + mask_to_bias(self_mask & causal)
+  cross_bias = mask_to_bias(_attention_mask(targets, encoder_input_tokens,
+                                            decoder_segment_ids, encoder_segment_ids))
+  return self_bias, cross_bias
 
 
 class Encoder(nn.Module):
@@ -90,11 +125,8 @@ class Encoder(nn.Module):
                deterministic: bool = True) -> jax.Array:
     """encoder_input_tokens [batch, inputs_len] -> encoded [batch, inputs_len, emb]."""
     cfg = self.config
-    length = encoder_input_tokens.shape[1]
-    mask = _attention_mask(encoder_input_tokens, encoder_input_tokens,
-                           encoder_segment_ids, encoder_segment_ids)
-    positions = jnp.arange(length)
-    bias = _relpos(cfg, bidirectional=True)(positions, positions) + mask_to_bias(mask)
+    bias = encoder_bias(relative_position_biases(cfg, bidirectional=True), encoder_input_tokens,
+                        encoder_segment_ids)
     x = self.shared_embedding(encoder_input_tokens).astype(cfg.dtype)
     x = _dropout(cfg)(x, deterministic=deterministic)
     for i in range(cfg.num_encoder_layers):
@@ -123,7 +155,7 @@ class Decoder(nn.Module):
     """decoder_input_tokens [batch, q_len] -> logits [batch, q_len, vocab] (float32)."""
     cfg = self.config
     q_len = decoder_input_tokens.shape[1]
-    relpos = _relpos(cfg, bidirectional=False)
+    relpos = relative_position_biases(cfg, bidirectional=False)
     if decode:
       if max_decode_length is None:
         raise ValueError("decode=True needs max_decode_length (the self-attention cache size)")
@@ -139,14 +171,9 @@ class Decoder(nn.Module):
       if is_initialized:
         index.value = position + q_len
     else:
-      # Without targets every position is real (decoder input 0 is BOS, not padding).
-      targets = jnp.ones_like(decoder_input_tokens) if decoder_target_tokens is None else decoder_target_tokens
-      positions = jnp.arange(q_len)
-      causal = positions[None, :] <= positions[:, None]
-      self_mask = _attention_mask(targets, targets, decoder_segment_ids, decoder_segment_ids)
-      self_bias = relpos(positions, positions) + mask_to_bias(self_mask & causal)
-      cross_bias = mask_to_bias(_attention_mask(targets, encoder_input_tokens,
-                                                decoder_segment_ids, encoder_segment_ids))
+      self_bias, cross_bias = teacher_forced_biases(
+          relpos, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+          encoder_segment_ids, decoder_segment_ids)
       position = None
 
     x = self.shared_embedding(decoder_input_tokens).astype(cfg.dtype)
