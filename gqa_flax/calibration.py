@@ -90,6 +90,12 @@ def kv_input_grams(config: T5Config, arrays: Mapping[str, LazyArray], batches: I
   (float64) summed over `batches`, for the multi-head model whose checkpoint arrays (flat
   names, read lazily) are `arrays`, padding positions left out."""
   batches: List[Batch] = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
+  largest = max((int(v.max()) for b in batches for k, v in b.items() if k.endswith("_tokens")),
+                default=-1)
+  if largest >= config.vocab_size:
+    raise errors.UserError(f"the calibration examples hold token id {largest}, outside the "
+                           f"model's vocabulary of {config.vocab_size}; calibrate on a task "
+                           "with the model's own vocabulary")
   embed, encoder_layer, encoder_norm, decoder_layer = _layer_steps(config)
   table = _params(arrays, "token_embedder")
   total = config.num_encoder_layers + config.num_decoder_layers

@@ -58,6 +58,17 @@ def test_grams_are_those_of_the_normalised_inputs_without_padding():
     np.testing.assert_allclose(gram, expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_tokens_outside_the_vocabulary_are_one_line():
+  """A task whose ids the model cannot embed (jnp.take would give NaN grams) is refused."""
+  arrays = {name: LazyArray(value.shape, value.dtype, lambda value=value: np.asarray(value))
+            for name, value in flatten(_params()).items()}
+  batch = {"encoder_input_tokens": np.array([[5, CONFIG.vocab_size]]),
+           "decoder_input_tokens": np.array([[0, 6]]), "decoder_target_tokens": np.array([[6, 1]])}
+  with pytest.raises(ValueError, match=f"token id {CONFIG.vocab_size}, outside the model's "
+                     f"vocabulary of {CONFIG.vocab_size}"):
+    calibration.kv_input_grams(CONFIG, arrays, [batch])
+
+
 def test_aligned_with_grams_keeps_a_model_of_rotated_copies_exact():
   """Rotated copies pool exactly in any metric: aligned GQA-2 with calibration grams of
   random activations still equals the multi-head model (test_grouped_conversion's case)."""

@@ -224,6 +224,27 @@ def test_pod_conversion_writes_dst_once_equal_to_one_process(tmp_path, source, r
   assert _assert_same_checkpoints(out / "pod", out / "single").num_kv_heads == 2
 
 
+def test_pod_calibrated_aligned_conversion_equals_one_process(tmp_path, mini_data_dir):
+  """--method aligned calibrated on a task's examples: process 0 runs the model alone (its
+  layers streamed from the checkpoint) while the other host waits; DST equals one process's."""
+  config = t5_1_1_config("tiny", vocab_size=768, num_decoder_layers=2, dtype="float32")
+  boxed = EncoderDecoderModel(config).init(jax.random.key(5), {
+      "encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)})
+  checkpoints.save(str(tmp_path / "mha"), 7, nn.meta.unbox(boxed), config)
+  calibration = ["--method=aligned", "--calibration_task_gin=reproduce/mini/span_corruption.gin",
+                 "--calibration_split=validation", "--calibration_examples=8",
+                 "--calibration_batch_size=4"]
+  argv = lambda dst: pod.module("gqa_flax.convert", f"--src={tmp_path / 'mha'}", f"--dst={dst}",
+                                "--num_kv_heads=2", *calibration)
+  env = {"GQA_DATA_DIR": str(mini_data_dir)}
+  results = pod.run_pod(argv(tmp_path / "pod"), TIMEOUT, env=env)
+  assert all("wrote GQA-2 checkpoint" in r.output for r in results)
+  pod.run_single(argv(tmp_path / "single"), TIMEOUT, devices=1, env=env)
+  assert _assert_same_checkpoints(tmp_path / "pod", tmp_path / "single").num_kv_heads == 2
+  metadata = checkpoints.load_checkpoint(str(tmp_path / "pod")).metadata
+  assert metadata["method"] == "aligned" and metadata["calibration"]["examples"] == 8
+
+
 def test_pod_eval_decodes_each_example_once_and_writes_one_metrics_file(tmp_path):
   """gqa-eval on the pod (mesh 4 x 2 over both hosts, 13 examples: the last batch of 8 is
   padded): one predictions file with each example once, and metrics.json equal to one
