@@ -20,7 +20,7 @@ from gqa_flax import errors
 from gqa_flax.planning import decode_plan, report, search, table1, train_plan
 from gqa_flax.planning.job import Job
 from gqa_flax.planning.topology import Topology, TopologyPartitioner, get_topology
-from gqa_flax.reproduce.timing import write_json
+from gqa_flax.storage import write_json
 from gqa_flax.training import gin_utils
 
 flags.DEFINE_string("topology", "v4-8", "TPU slice by its Cloud name (v4-8 is 4 chips).")

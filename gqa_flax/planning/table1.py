@@ -21,7 +21,7 @@ from gqa_flax import errors
 from gqa_flax.models import t5_1_1_config
 from gqa_flax.planning import decode_plan, report
 from gqa_flax.planning.topology import Topology
-from gqa_flax.reproduce.timing import write_json
+from gqa_flax.storage import write_json
 
 # Table 1 (s per sample per TPUv4 chip): (size, kv heads or None for MHA, paper value).
 PAPER_T_INFER = (("large", None, 0.37), ("xxl", None, 1.51), ("xxl", 1, 0.24), ("xxl", 8, 0.28))

@@ -19,7 +19,7 @@ from etils import epath
 
 from gqa_flax.reproduce import statistics
 from gqa_flax.reproduce.presets import Variant
-from gqa_flax.reproduce.timing import write_json
+from gqa_flax.storage import write_json
 
 UPTRAINED = 0.05  # the paper's alpha
 

@@ -28,7 +28,8 @@ from etils import epath
 
 from gqa_flax import errors, pod
 from gqa_flax.checkpoints.orbax_format import step_dir
-from gqa_flax.reproduce.timing import seconds_per_sample, write_json
+from gqa_flax.reproduce.timing import seconds_per_sample
+from gqa_flax.storage import write_json
 from gqa_flax.training import data_pipeline, evaluation, gin_utils
 from gqa_flax.training.partitioning import Partitioner
 

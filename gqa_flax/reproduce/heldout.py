@@ -26,7 +26,7 @@ import numpy as np
 from gqa_flax import errors, pod
 from gqa_flax.checkpoints.convert import kv_head_similarity
 from gqa_flax.checkpoints.reader import open_checkpoint
-from gqa_flax.reproduce.timing import write_json
+from gqa_flax.storage import write_json
 from gqa_flax.training import data_pipeline, evaluation
 from gqa_flax.training.partitioning import Partitioner
 

@@ -20,7 +20,7 @@ from gqa_flax.reproduce.evaluate import run_output_dir
 from gqa_flax.reproduce.presets import Variant
 from gqa_flax.reproduce.runner import stage_kind
 from gqa_flax.reproduce.stages import Plan, seeded
-from gqa_flax.reproduce.timing import write_json
+from gqa_flax.storage import write_json
 from gqa_flax.training.evaluation import predictions_file
 
 # Ainslie et al. 2023, Table 1 (TPUv4; dev sets; T_infer in s per sample).

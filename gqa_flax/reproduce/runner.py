@@ -33,7 +33,7 @@ from etils import epath
 from gqa_flax import pod, processes
 from gqa_flax.reproduce.forkserver import ForkedProcess, ForkServer
 from gqa_flax.reproduce.stages import Plan, Stage
-from gqa_flax.reproduce.timing import write_json
+from gqa_flax.storage import write_json
 
 DONE = "DONE.json"
 LOG = "log.txt"

@@ -14,8 +14,6 @@ decoding of `training.predictor` on a mesh of `--num_partitions`-way model paral
 host of a pod runs the command; process 0 writes the result).
 """
 import dataclasses
-import json
-import os
 import sys
 from typing import Any, Callable, Iterable, Iterator, List, Sequence, Tuple
 
@@ -23,7 +21,6 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
-from etils import epath
 
 from gqa_flax import errors, pod
 from gqa_flax.benchmarks import runners
@@ -31,6 +28,7 @@ from gqa_flax.checkpoints.convert import convert_arrays
 from gqa_flax.checkpoints.reader import open_checkpoint
 from gqa_flax.checkpoints.arrays import unflatten
 from gqa_flax.models import T5Config
+from gqa_flax.storage import write_json
 from gqa_flax.training import gin_utils, predictor
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 from gqa_flax.training.partitioning import Partitioner
@@ -126,20 +124,6 @@ def model_config(model_gin: str, bindings: Sequence[str]) -> T5Config:
   gin.clear_config()
   gin_utils.parse_gin([model_gin], list(bindings))
   return gin.query_parameter("%MODEL").scoped_configurable_fn().config
-
-
-def write_json(path: str, data: Any) -> None:
-  """Writes `data` to `path` at once: a local file through a temporary file renamed into
-  place, an object store's (gs://) in one object write (atomic there)."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  text = json.dumps(data, indent=2)
-  if "://" in str(path):
-    path.write_text(text)
-    return
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
