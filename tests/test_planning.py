@@ -27,6 +27,7 @@ from gqa_flax.planning import decode_plan, search, table1, train_plan
 from gqa_flax.planning.compiled import CompiledStep
 from gqa_flax.planning.job import Job
 from gqa_flax.planning.topology import TopologyPartitioner, get_topology
+from gqa_flax.models import t5_1_1_config
 from gqa_flax.training import gin_utils, predictor, trainer
 from gqa_flax.training.encoder_decoder import EncoderDecoderModel
 
@@ -216,13 +217,23 @@ def test_batch_partitioned_mqa_holds_a_quarter_of_the_cache_per_device(job, topo
   assert split.seconds_per_sample < replicated.seconds_per_sample
 
 
+@pytest.fixture(scope="module")
+def gqa2_search(topology, tmp_path_factory):
+  """(JSON path, search): tiny GQA-2's layouts (4 layouts x 3 programs at 1 per chip),
+  searched as `gqa-plan --table1` searches a model and saved where it saves them."""
+  path = str(tmp_path_factory.mktemp("table1") / "table1.json")
+  return path, table1.SavedSearches(path, topology, INPUTS, TARGETS, 1).search("tiny", 2)
+
+
 @pytest.mark.slow  # ~25 s: 4 layouts x 2 searches x 3 programs
-def test_layout_search_keeps_the_fastest_that_fits_and_reports_what_does_not(job, topology):
-  config = job.model.config.replace(num_kv_heads=2, cross_num_kv_heads=2)  # 4 heads, 2 K/V
+def test_layout_search_keeps_the_fastest_that_fits_and_reports_what_does_not(topology,
+                                                                             gqa2_search):
+  config = t5_1_1_config("tiny", num_kv_heads=2)  # 4 heads, 2 K/V
   layouts = decode_plan.layouts(config, topology)
   assert [(l.num_partitions, l.kv_batch_partitioned) for l in layouts] == [
       (1, False), (2, False), (4, False), (4, True)]
-  found = decode_plan.search_layouts(config, topology, INPUTS, TARGETS, 1)
+  _, found = gqa2_search
+  assert found.config == config
   assert [layout for layout, _ in found.candidates] == layouts
   assert all(plan.fits(topology.hbm_bytes) and plan.batch_per_chip == 1
              for _, plan in found.candidates)
@@ -242,21 +253,19 @@ def test_layout_search_keeps_the_fastest_that_fits_and_reports_what_does_not(job
   assert report["best"]["layout"] == tight.best.layout.describe(small)
 
 
-@pytest.mark.slow  # ~20 s: one search, 4 layouts x 3 programs
+@pytest.mark.slow  # shares test_layout_search's search
 def test_table1_searches_are_saved_as_they_finish_and_reused_with_the_same_settings(
-    topology, tmp_path, monkeypatch):
-  path = str(tmp_path / "table1.json")
-  store = table1.SavedSearches(path, topology, INPUTS, TARGETS, 1)
-  found = store.search("tiny", 1)  # MQA: 4 layouts, one of them batch-partitioned
-  saved = json.loads((tmp_path / "table1.json").read_text())
+    topology, gqa2_search, monkeypatch):
+  path, found = gqa2_search
+  saved = json.loads(open(path).read())
   assert saved["settings"] == {"topology": "v4-8", "inputs_len": INPUTS, "targets_len": TARGETS,
                                "max_batch_per_chip": 1, "jax": jax.__version__,
                                "libtpu": importlib.metadata.version("libtpu")}
-  assert list(saved["searches"]) == ["MQA-Tiny"]
+  assert list(saved["searches"]) == ["GQA-2-Tiny"]
   # Read back: the same layouts, plans and times, nothing compiled.
   compiled = []
   monkeypatch.setattr(decode_plan, "search_layouts", lambda *args: compiled.append(args) or found)
-  again = table1.SavedSearches(path, topology, INPUTS, TARGETS, 1).search("tiny", 1)
+  again = table1.SavedSearches(path, topology, INPUTS, TARGETS, 1).search("tiny", 2)
   assert not compiled
   assert again.to_json(topology) == found.to_json(topology)
   assert [l for l, _ in again.candidates] == [l for l, _ in found.candidates]
@@ -264,10 +273,11 @@ def test_table1_searches_are_saved_as_they_finish_and_reused_with_the_same_setti
   assert again.best.fits(topology.hbm_bytes)
   # Other settings are searched again, and the file then holds this run's searches.
   other = table1.SavedSearches(path, topology, INPUTS, 2 * TARGETS, 1)
-  other.search("tiny", 1)
+  other.search("tiny", 2)
   assert len(compiled) == 1 and compiled[0][3] == 2 * TARGETS
-  assert json.loads((tmp_path / "table1.json").read_text())["settings"]["targets_len"] == 2 * TARGETS
-  (tmp_path / "table1.json").write_text("{")
+  assert json.loads(open(path).read())["settings"]["targets_len"] == 2 * TARGETS
+  with open(path, "w") as f:
+    f.write("{")
   with pytest.raises(errors.UserError, match="table1.json is not gqa-plan's JSON"):
     table1.SavedSearches(path, topology, INPUTS, TARGETS, 1)
 
