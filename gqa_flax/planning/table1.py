@@ -25,7 +25,7 @@ from gqa_flax.storage import write_json
 
 # Table 1 (s per sample per TPUv4 chip): (size, kv heads or None for MHA, paper value).
 PAPER_T_INFER = (("large", None, 0.37), ("xxl", None, 1.51), ("xxl", 1, 0.24), ("xxl", 8, 0.28))
-FIGURE6_GROUPS = (1, 4, 8, 16, 32, 64)
+FIGURE6_GROUPS = (1, 2, 4, 8, 16, 32, 64)  # the paper preset's Figure 6 groups
 # The one layout of the first simulation, kept as a column: Large data-parallel, XXL 8-way
 # model parallel over heads, K/V heads that the model axis does not divide replicated.
 FIXED_PARTITIONS = {"large": 1, "xxl": 8}
