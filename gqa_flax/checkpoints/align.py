@@ -50,9 +50,9 @@ def rotation_invariant_similarity(kernel: np.ndarray, head_dim: int,
   """[H, H]: max over orthogonal R of the cosine between head i rotated by R and head j, in
   the inputs' metric."""
   heads = np.einsum("fe,hed->hfd", _metric(gram, kernel.shape[0]).T,
-                    heads_of(kernel.astype(np.float64), head_dim))
+                    heads_of(kernel.astype(np.float64), head_dim), optimize=True)
   norms = np.maximum(np.linalg.norm(heads, axis=(1, 2)), 1e-30)
-  cross = np.einsum("ied,jef->ijdf", heads, heads)
+  cross = np.einsum("ied,jef->ijdf", heads, heads, optimize=True)
   nuclear = np.linalg.svd(cross, compute_uv=False).sum(-1)
   return nuclear / np.outer(norms, norms)
 
@@ -62,7 +62,7 @@ def group_rotations(kernel: np.ndarray, num_groups: int, head_dim: int,
   """[H, head_dim, head_dim]: each head's rotation onto its contiguous group's mean
   (generalised Procrustes in the inputs' metric); a group's first head starts the mean."""
   heads = np.einsum("fe,hed->hfd", _metric(gram, kernel.shape[0]).T,
-                    heads_of(kernel.astype(np.float64), head_dim))
+                    heads_of(kernel.astype(np.float64), head_dim), optimize=True)
   size = len(heads) // num_groups
   rotations = np.tile(np.eye(head_dim), (len(heads), 1, 1))
   for start in range(0, len(heads), size):
@@ -78,7 +78,8 @@ def group_rotations(kernel: np.ndarray, num_groups: int, head_dim: int,
 def rotate_columns(kernel: np.ndarray, rotations: np.ndarray) -> np.ndarray:
   """A query, key or value kernel [emb, H*head_dim] with head h's columns times R_h."""
   head_dim = rotations.shape[-1]
-  rotated = np.einsum("hed,hdf->ehf", heads_of(kernel.astype(np.float64), head_dim), rotations)
+  rotated = np.einsum("hed,hdf->ehf", heads_of(kernel.astype(np.float64), head_dim), rotations,
+                      optimize=True)
   return rotated.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -86,4 +87,5 @@ def rotate_rows(kernel: np.ndarray, rotations: np.ndarray) -> np.ndarray:
   """An output kernel [H*head_dim, emb] with head h's rows R_h^T times them."""
   heads, head_dim = rotations.shape[:2]
   blocks = kernel.astype(np.float64).reshape(heads, head_dim, -1)
-  return np.einsum("hdf,hde->hfe", rotations, blocks).reshape(kernel.shape).astype(kernel.dtype)
+  rotated = np.einsum("hdf,hde->hfe", rotations, blocks, optimize=True)
+  return rotated.reshape(kernel.shape).astype(kernel.dtype)
