@@ -30,12 +30,16 @@ def heads_of(kernel: np.ndarray, head_dim: int) -> np.ndarray:
   return kernel.reshape(emb, joined // head_dim, head_dim).transpose(1, 0, 2)
 
 
-def _metric(gram: Optional[np.ndarray], emb: int) -> np.ndarray:
-  """L [emb, emb] with L L^T = gram (identity for None): ||X A|| = ||L^T A||."""
+def _heads_in_metric(kernel: np.ndarray, head_dim: int,
+                     gram: Optional[np.ndarray]) -> np.ndarray:
+  """[H, emb, head_dim]: each head A as L^T A, with L L^T = gram, so that ||X A|| = ||L^T A||
+  (float64; gram None: the heads themselves, the kernels' own metric)."""
+  heads = heads_of(kernel.astype(np.float64), head_dim)
   if gram is None:
-    return np.eye(emb)
+    return heads
   values, vectors = np.linalg.eigh(np.asarray(gram, np.float64))
-  return vectors * np.sqrt(np.maximum(values, 0.0))
+  metric = vectors * np.sqrt(np.maximum(values, 0.0))
+  return np.einsum("fe,hed->hfd", metric.T, heads, optimize=True)
 
 
 def procrustes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -49,8 +53,7 @@ def rotation_invariant_similarity(kernel: np.ndarray, head_dim: int,
                                   gram: Optional[np.ndarray] = None) -> np.ndarray:
   """[H, H]: max over orthogonal R of the cosine between head i rotated by R and head j, in
   the inputs' metric."""
-  heads = np.einsum("fe,hed->hfd", _metric(gram, kernel.shape[0]).T,
-                    heads_of(kernel.astype(np.float64), head_dim), optimize=True)
+  heads = _heads_in_metric(kernel, head_dim, gram)
   norms = np.maximum(np.linalg.norm(heads, axis=(1, 2)), 1e-30)
   cross = np.einsum("ied,jef->ijdf", heads, heads, optimize=True)
   nuclear = np.linalg.svd(cross, compute_uv=False).sum(-1)
@@ -61,8 +64,7 @@ def group_rotations(kernel: np.ndarray, num_groups: int, head_dim: int,
                     gram: Optional[np.ndarray] = None) -> np.ndarray:
   """[H, head_dim, head_dim]: each head's rotation onto its contiguous group's mean
   (generalised Procrustes in the inputs' metric); a group's first head starts the mean."""
-  heads = np.einsum("fe,hed->hfd", _metric(gram, kernel.shape[0]).T,
-                    heads_of(kernel.astype(np.float64), head_dim), optimize=True)
+  heads = _heads_in_metric(kernel, head_dim, gram)
   size = len(heads) // num_groups
   rotations = np.tile(np.eye(head_dim), (len(heads), 1, 1))
   for start in range(0, len(heads), size):
