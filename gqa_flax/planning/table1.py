@@ -33,7 +33,7 @@ FIXED_PARTITIONS = {"large": 1, "xxl": 8}
 
 def model_name(size: str, kv_heads: Optional[int]) -> str:
   """E.g. MHA-Large, MQA-XXL, GQA-8-XXL (kv_heads None: multi-head)."""
-  attention = "MHA" if kv_heads is None else "MQA" if kv_heads == 1 else f"GQA-{kv_heads}"
+  attention = t5_1_1_config(size, num_kv_heads=kv_heads).attention_name
   return f"{attention}-{'XXL' if size == 'xxl' else size.title()}"
 
 
