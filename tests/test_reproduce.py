@@ -145,7 +145,8 @@ def test_plan_runs_the_project_entry_points(tmp_path):
   assert f'--gin.MODEL_DIR="{tmp_path}/runs/uptrain-mini-mqa-mean-s0"' in uptrain
   assert "--gin.TRAIN_STEPS=1575" in stages["uptrain-mini-gqa4-first-s0"].argv
   names = list(stages)
-  assert len([n for n in names if n.startswith("uptrain-")]) == 14 * 3  # 14 conversions
+  # 11 conversions: aligned MQA and GQA-4 and grouped GQA-4 are scored at alpha 0 only.
+  assert len([n for n in names if n.startswith("uptrain-")]) == 11 * 3
   assert stages["convert-mini-mqa-random-s0"].argv[1:3] == ["-m", "gqa_flax.convert"]
   assert "--method=random" in stages["convert-mini-mqa-random-s0"].argv
   # Fine-tuning: Table 1's variants only (MHA from the pre-trained checkpoint), per seed.
@@ -205,8 +206,12 @@ def test_every_run_after_pretraining_takes_each_seed(tmp_path):
   assert checkpoints["heldout/mini-mqa-a0-random/s3"] != checkpoints[
       "heldout/mini-mqa-a0-random/s7"]
   # MHA of mini and micro; 14 conversions (G = 1, 2, 4 x mean, first, random, aligned; G = 2, 4
-  # grouped) at alpha 0 and 0.05; MQA and GQA-2 by mean at 0.025, 0.1 and 0.2.
-  assert len(checkpoints) == 2 * len(plan.heldout_variants()) == 2 * (2 + 14 * 2 + 6)
+  # grouped) at alpha 0, 11 of them also at 0.05 (not aligned MQA, GQA-4, grouped GQA-4); MQA
+  # and GQA-2 by mean at 0.025, 0.1 and 0.2.
+  assert len(checkpoints) == 2 * len(plan.heldout_variants()) == 2 * (2 + 14 + 11 + 6)
+  assert "uptrain-mini-gqa4-aligned-s3" not in stages
+  assert checkpoints["heldout/mini-gqa4-a0-aligned/s3"] == f"{tmp_path}/runs/" \
+      "convert-mini-gqa4-aligned/checkpoint_1500"
   # Aligned conversions calibrate on the pre-training task's train examples; the others do not.
   aligned = stages["convert-mini-gqa2-aligned"].argv
   assert "--method=aligned" in aligned
