@@ -5,9 +5,11 @@ runs its command: TensorFlow's C++ INFO lines off (`TF_CPP_MIN_LOG_LEVEL=1`), an
 accelerator is attached (no TPU device file, no NVIDIA GPU) and JAX_PLATFORMS is unset, the
 CPU backend (`JAX_PLATFORMS=cpu`), so that an installed libtpu does not print its errors about
 a TPU that is not there. A value the user set for either variable is kept. TensorFlow sees no
-GPU (it runs tf.data only), and the lines its GPU support prints on a machine without one
-(`cudart_stub ... Could not find cuda drivers`, `failed call to cuInit`), whatever the log
-level, are dropped (`quiet_tensorflow_start`). Library INFO logs (Orbax, seqio) are turned off
+GPU (it runs tf.data only), and the lines it prints at its start whatever the log level
+(before its C++ logging reads it) are dropped (`quiet_tensorflow_start`): those of its GPU
+support on a machine without one (`cudart_stub ... Could not find cuda drivers`, `failed call
+to cuInit`) and, on CPUs with AVX-512 VNNI/BF16, oneDNN's notice that results may differ in
+rounding. Library INFO logs (Orbax, seqio) are turned off
 by the gin commands (`gin_utils.run`) unless --verbosity is given.
 """
 import contextlib
@@ -33,20 +35,21 @@ def prepare_process() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-# What TensorFlow's GPU support prints on a machine without a GPU, before or regardless of
-# TF_CPP_MIN_LOG_LEVEL: the stub's INFO line, absl's note before it, and the failed cuInit.
-_TENSORFLOW_GPU_LINES = ("cudart_stub.cc", "All log messages before absl::InitializeLog() is called",
-                         "failed call to cuInit")
+# What TensorFlow prints at its start, before or regardless of TF_CPP_MIN_LOG_LEVEL: its GPU
+# support on a machine without a GPU (the stub's INFO line, absl's note before it, the failed
+# cuInit) and oneDNN's INFO notice on CPUs it accelerates (port.cc).
+_TENSORFLOW_START_LINES = ("cudart_stub.cc", "All log messages before absl::InitializeLog() is called",
+                           "failed call to cuInit", "oneDNN custom operations are on")
 
 
 @contextlib.contextmanager
 def quiet_tensorflow_start() -> Iterator[None]:
   """Runs the block (imports); if TensorFlow was imported, hides the GPUs from it (it only
   runs tf.data; T5X does the same), which makes it probe CUDA now rather than at its first op.
-  What both print goes to stderr without TensorFlow's GPU lines, unless TF_CPP_MIN_LOG_LEVEL
+  What both print goes to stderr without TensorFlow's start lines, unless TF_CPP_MIN_LOG_LEVEL
   is 0 (everything kept)."""
   keep_all = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0"
-  with contextlib.nullcontext() if keep_all else _stderr_without(_TENSORFLOW_GPU_LINES):
+  with contextlib.nullcontext() if keep_all else _stderr_without(_TENSORFLOW_START_LINES):
     yield
     _hide_gpus_from_tensorflow()
 
