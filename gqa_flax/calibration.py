@@ -63,8 +63,10 @@ def _layer_steps(config: T5Config):
   def encoder_norm(params, x):
     return layers.LayerNorm(dtype=config.dtype).apply({"params": params}, x)
 
-  def decoder_layer(params, relpos, x, encoded, batch):
-    """-> (the layer's output, the gram of its self-attention's key/value inputs)."""
+  def decoder_layer(params, relpos, x, encoded, batch, with_output=True):
+    """-> (the layer's output, or None without `with_output` (the last layer: XLA then
+    drops all that comes after the self-attention's inputs), the gram of its
+    self-attention's key/value inputs)."""
     self_bias, cross_bias = t5.teacher_forced_biases(
         _relpos(config, False, relpos), batch["encoder_input_tokens"],
         batch["decoder_input_tokens"], batch["decoder_target_tokens"])
@@ -79,9 +81,10 @@ def _layer_steps(config: T5Config):
     with nn.intercept_methods(catch):
       y = t5.DecoderLayer(config).apply({"params": params}, x, encoded, self_bias, cross_bias,
                                         True)
-    return y, _gram(caught[0], batch["decoder_target_tokens"] > 0)
+    return y if with_output else None, _gram(caught[0], batch["decoder_target_tokens"] > 0)
 
-  return jax.jit(embed), jax.jit(encoder_layer), jax.jit(encoder_norm), jax.jit(decoder_layer)
+  return (jax.jit(embed), jax.jit(encoder_layer), jax.jit(encoder_norm),
+          jax.jit(decoder_layer, static_argnames="with_output"))
 
 
 def kv_input_grams(config: T5Config, arrays: Mapping[str, LazyArray], batches: Iterable[Batch]
@@ -115,7 +118,9 @@ def kv_input_grams(config: T5Config, arrays: Mapping[str, LazyArray], batches: I
     x = [embed(table, b["decoder_input_tokens"]) for b in batches]
     for i in range(config.num_decoder_layers):
       params = _params(arrays, f"decoder/layers_{i}")
-      outputs = [decoder_layer(params, relpos, h, e, b) for h, e, b in zip(x, encoded, batches)]
+      last = i == config.num_decoder_layers - 1
+      outputs = [decoder_layer(params, relpos, h, e, b, with_output=not last)
+                 for h, e, b in zip(x, encoded, batches)]
       x = [y for y, _ in outputs]
       grams[f"decoder/layers_{i}/self_attention"] = sum(
           np.asarray(gram, np.float64) for _, gram in outputs)
