@@ -154,9 +154,11 @@ def test_ctrl_c_interrupts_the_stage_not_the_server(probe_env, tmp_path):
   os.kill(server.pid, signal.SIGINT)
   os.kill(pid, signal.SIGINT)
   code = json.loads(server.stdout.readline())["exit"]
-  reference = subprocess.Popen([sys.executable, "-m", "stage_probe", "sleep"], env=probe_env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  assert reference.stdout.readline()  # started
+  reference = subprocess.Popen([sys.executable, "-u", "-m", "stage_probe", "sleep"],
+                               env=probe_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  for line in reference.stdout:  # signalled once past its imports, as the stage was
+    if line.startswith(b"argv:"):
+      break
   reference.send_signal(signal.SIGINT)
   assert code == reference.wait(timeout=60) == -signal.SIGINT
   assert "KeyboardInterrupt" in log.read_text()
