@@ -6,12 +6,13 @@
               [--dtype float32|bfloat16] [--overwrite]
 """
 import argparse
+import contextlib
 import functools
 import os
 import signal
 import sys
 
-from typing import Dict
+from typing import Dict, Iterator
 
 import jax
 import numpy as np
@@ -104,13 +105,30 @@ def _stop(dst: str, signum: int, frame) -> None:
   os._exit(1)  # pylint: disable=protected-access
 
 
+@contextlib.contextmanager
+def _stopped_by_signals(dst: str) -> Iterator[None]:
+  """Ctrl-C and SIGTERM during the block end the process (`_stop`); the handlers they had
+  before are back after it (main() called in a process that goes on, e.g. a test)."""
+  previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+  for signum in previous:
+    signal.signal(signum, functools.partial(_stop, dst))
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
 def main(argv=None) -> int:
   """On a pod (every host runs the command) process 0 converts and the others wait for its
   outcome, so DST is written once and every host exits alike."""
   args = parse_args(argv)
+  with _stopped_by_signals(args.dst):
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
   outcome = {}
-  for signum in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(signum, functools.partial(_stop, args.dst))
   try:
     pod.initialize(**pod.flags_of(args))
     jax.devices()  # every host: starting the backend of a pod is itself a collective step

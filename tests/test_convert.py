@@ -1,6 +1,7 @@
 """GQA conversion: methods against numpy, the real T5X fixture, HF source, CLI errors."""
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -215,8 +216,11 @@ def test_bad_inputs_fail_cleanly_and_leave_no_dst(tmp_path, capsys, t5x_tiny):
   assert "exists; pass --overwrite" in _cli_error(
       capsys, "--src", T5X_TINY, "--dst", str(dst), "--num_kv_heads", "2")
   assert os.listdir(dst) == ["keep"]
+  handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   assert main(["--src", T5X_TINY, "--dst", str(dst), "--num_kv_heads", "2", "--overwrite"]) == 0
   assert checkpoints.load(str(dst))[0].num_kv_heads == 2
+  # main() called in a process that goes on gives back Ctrl-C's and SIGTERM's handlers.
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
 def test_module_cli_exit_code(tmp_path):
