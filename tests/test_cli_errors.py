@@ -1,11 +1,17 @@
 """Every gqa-* command answers a user's mistake in one line and leaves nothing behind.
 
-Each bad input runs the real command as a subprocess (what a user types), and the test asserts:
-exit code 1, no traceback, exactly one `gqa-<cmd>: error:` line (the last line of stderr)
-naming the setting or file, and the working directory exactly as it was. The gin composition
-rules and the typo guard are checked in-process against the repository's own gin files.
+Each bad input runs the command as `python -m gqa_flax.<cmd> ARGS` does, and the test asserts:
+exit code 1, no traceback, exactly one `gqa-<cmd>: error:` line (the last line of its output)
+naming the setting or file, and the working directory exactly as it was. The gin commands'
+cases are forked from one server that imported their libraries once (the reproduction's stage
+fork server, which test_forkserver.py holds to `python -m`; ~6 s less per case), the
+checkpoint cases run as subprocesses, and the installed console scripts run as a user's shell
+runs them. The gin composition rules and the typo guard are checked in-process against the
+repository's own gin files.
 """
+import collections
 import glob
+import itertools
 import os
 import shutil
 import signal
@@ -18,6 +24,7 @@ import numpy as np
 import pytest
 
 from gqa_flax.data import mini, vocab
+from gqa_flax.reproduce.forkserver import ForkServer
 from gqa_flax.training import gin_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,49 +120,70 @@ def _env():
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def run_command(prog, args, cwd):
-  return subprocess.run([sys.executable, "-m", COMMANDS[prog], *args], cwd=cwd, env=_env(),
-                        capture_output=True, text=True, timeout=300, check=False)
-
-
-def assert_one_line_error(result, prog, expected):
-  assert result.returncode == 1, result.stderr[-3000:]
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  assert "usage:" not in result.stderr, result.stderr[-3000:]  # argparse's block: not for errors
-  lines = result.stderr.strip().splitlines()
-  errors = [line for line in lines if line.startswith(f"{prog}: error:")]
-  assert errors == [lines[-1]], result.stderr[-3000:]
-  assert expected in lines[-1], lines[-1]
-
-
 def tree(path):
   return sorted(os.path.relpath(p, path) for p in glob.glob(f"{path}/**", recursive=True))
 
 
+Ran = collections.namedtuple("Ran", "returncode output")  # output: stdout and stderr together
+
+
+@pytest.fixture(scope="module")
+def run_command(tmp_path_factory):
+  """run_command(prog, args) -> Ran: `python -m MODULE ARGS` forked from a server started in
+  an empty working directory, which each command must leave empty."""
+  cwd, logs = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("logs")
+  server = ForkServer(_env(), cwd=str(cwd))
+  numbers = itertools.count()
+
+  def run(prog, args):
+    log = logs / f"{next(numbers)}.txt"
+    process = server.start([COMMANDS[prog], *args], str(log))
+    try:
+      returncode = process.wait(timeout=300)
+    finally:
+      process.kill()
+      process.wait()
+    assert tree(cwd) == ["."], tree(cwd)
+    return Ran(returncode, log.read_text())
+
+  yield run
+  server.close()
+
+
+def assert_one_line_error(returncode, output, prog, expected):
+  """output: stderr, or stdout and stderr together."""
+  assert returncode == 1, output[-3000:]
+  assert "Traceback" not in output, output[-3000:]
+  assert "usage:" not in output, output[-3000:]  # argparse's block: not for errors
+  lines = output.strip().splitlines()
+  errors = [line for line in lines if line.startswith(f"{prog}: error:")]
+  assert errors == [lines[-1]], output[-3000:]
+  assert expected in lines[-1], lines[-1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(SETTINGS_CASES))
-def test_bad_settings_end_in_one_line_with_nothing_written(case, tmp_path):
+def test_bad_settings_end_in_one_line_with_nothing_written(case, run_command, tmp_path):
   prog, args, expected = SETTINGS_CASES[case]
   (tmp_path / "typo.gin").write_text(
       "include 'experiments/tiny_pretrain.gin'\ntrian.eval_steps = 2\n")
   (tmp_path / "spm.model").write_bytes(b"")  # a vocabulary file that exists (never read)
   before = tree(tmp_path)
-  result = run_command(prog, [a.format(tmp=tmp_path, t5x_tiny=T5X_TINY) for a in args],
-                       cwd=tmp_path)
-  assert_one_line_error(result, prog, expected.format(tmp=tmp_path))
+  result = run_command(prog, [a.format(tmp=tmp_path, t5x_tiny=T5X_TINY) for a in args])
+  assert_one_line_error(*result, prog, expected.format(tmp=tmp_path))
   assert tree(tmp_path) == before
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prog", GIN_COMMANDS)
-def test_help_lists_the_gin_flags_and_exits_0(prog, tmp_path):
-  result = run_command(prog, ["--help"], cwd=tmp_path)
-  assert result.returncode == 0, result.stderr[-2000:]
+def test_help_lists_the_gin_flags_and_exits_0(prog, run_command):
+  result = run_command(prog, ["--help"])
+  assert result.returncode == 0, result.output[-2000:]
   for text in (f"usage: {prog} --gin_file=FILE", "--gin_file:", "--gin.NAME=VALUE",
                "--gin_search_paths:", "--tfds_data_dir:", "--[no]multiprocess_gpu:",
                "--gqa_vocab_path:", "Needs "):
-    assert text in result.stdout, (text, result.stdout)
-  assert len(result.stdout.splitlines()) < 100
+    assert text in result.output, (text, result.output)
+  assert len(result.output.splitlines()) < 100
 
 
 @pytest.fixture
@@ -286,20 +314,22 @@ def test_convert_names_the_damaged_file_and_writes_nothing(case, checkpoints, tm
       [sys.executable, "-m", "gqa_flax.convert", "--src", src, "--dst", str(work / "dst"),
        "--num_kv_heads", "1"], cwd=work, env=_env(), capture_output=True, text=True,
       timeout=300, check=False)
-  assert_one_line_error(result, "gqa-convert", CORRUPT_CASES[case][3].format(src=src))
+  assert_one_line_error(result.returncode, result.stderr, "gqa-convert",
+                        CORRUPT_CASES[case][3].format(src=src))
   assert os.listdir(work) == []
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["T5X legacy zarr chunk truncated", "Orbax OCDBT data truncated"])
-def test_eval_names_the_damaged_file_and_writes_nothing(case, checkpoints, tmp_path):
+def test_eval_names_the_damaged_file_and_writes_nothing(case, checkpoints, run_command,
+                                                       tmp_path):
   src = _damaged_copy(checkpoints, case, tmp_path / "src")
   work = tmp_path / "work"
   work.mkdir()
   result = run_command("gqa-eval", [
       "--gin_file=runs/eval.gin", "--gin_file=experiments/tasks/cnn_dailymail.gin",
-      f"--gin.CHECKPOINT_PATH='{src}'", f"--gin.EVAL_OUTPUT_DIR='{work}/eval'"], cwd=work)
-  assert_one_line_error(result, "gqa-eval", CORRUPT_CASES[case][3].format(src=src))
+      f"--gin.CHECKPOINT_PATH='{src}'", f"--gin.EVAL_OUTPUT_DIR='{work}/eval'"])
+  assert_one_line_error(*result, "gqa-eval", CORRUPT_CASES[case][3].format(src=src))
   assert os.listdir(work) == []
 
 
@@ -335,7 +365,8 @@ def test_a_conversion_stopped_while_writing_leaves_only_what_it_finished(tmp_pat
   command = [sys.executable, "-m", "gqa_flax.convert", "--src", str(src), "--dst",
              str(work / "dst"), "--num_kv_heads", "2"]
   stopped = _stop_while_writing(command, work, signal.SIGTERM)
-  assert_one_line_error(stopped, "gqa-convert", "interrupted (SIGTERM); ")
+  assert_one_line_error(stopped.returncode, stopped.stderr, "gqa-convert",
+                        "interrupted (SIGTERM); ")
   deadline = time.time() + 30  # removed once the stopped process has ended
   while os.listdir(work) and time.time() < deadline:
     time.sleep(0.1)

@@ -66,11 +66,12 @@ class ForkedProcess:
 
 
 class ForkServer:
-  """The server process, started with the stages' environment `env`; one command at a time."""
+  """The server process, started with the stages' environment `env` in the working directory
+  `cwd` (this process's by default); one command at a time."""
 
-  def __init__(self, env: Dict[str, str]):
+  def __init__(self, env: Dict[str, str], cwd: Optional[str] = None):
     self._process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, bufsize=0)
+                                     stdout=subprocess.PIPE, env=env, cwd=cwd, bufsize=0)
     self._buffer = b""
     self.read_reply(None, argv=["ready"])
 
