@@ -65,7 +65,9 @@ def test_paper_preset_on_the_pod_from_gs_resumes_after_a_lost_host_and_equals_on
   bindings = _bindings(large, xxl)
   # Host 1 is killed (with its stage's process) once the first fine-tuning stage starts: host
   # 0 ends by itself within a minute with one line; rerun on both hosts, the pod resumes.
-  killed = pod.Pod(_argv(tmp_path / "pod", bindings), env=env)
+  # Fresh interpreters (forked=False), each in its own process group: killing host 1 ends its
+  # stage and its fork server too.
+  killed = pod.Pod(_argv(tmp_path / "pod", bindings), env=env, forked=False)
   _wait_for(tmp_path / "pod" / "stages" / "heldout" / "DONE.json", killed)
   time.sleep(5)
   os.killpg(killed.processes[1].pid, signal.SIGKILL)
@@ -74,8 +76,8 @@ def test_paper_preset_on_the_pod_from_gs_resumes_after_a_lost_host_and_equals_on
   assert last.startswith("gqa-reproduce: error: a process stopped responding") and \
       last.endswith("(process 1 of 2)"), killed.outputs()[0][-3000:]
   assert not (tmp_path / "pod" / "table1.json").exists()
-  job = pod.Pod(_argv(tmp_path / "pod", bindings), env=env)
-  single = pod.run_single(_argv(tmp_path / "single", bindings), TIMEOUT, env=env)
+  job = pod.Pod(_argv(tmp_path / "pod", bindings), env=env, forked=False)
+  single = pod.run_single(_argv(tmp_path / "single", bindings), TIMEOUT, env=env, forked=False)
   outputs = job.wait(TIMEOUT)
   assert "wrote" in outputs[0].output and "table1.md" in outputs[0].output
   assert "to run" in outputs[0].output and " 0 done" not in outputs[0].output  # resumed

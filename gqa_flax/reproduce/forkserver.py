@@ -44,7 +44,7 @@ class ServerError(RuntimeError):
 
 
 class ForkedProcess:
-  """A stage command forked from the server; `wait` and `kill` as subprocess.Popen's."""
+  """A stage command forked from the server; `wait`, `poll` and `kill` as subprocess.Popen's."""
 
   def __init__(self, server: "ForkServer", pid: int):
     self._server = server
@@ -56,6 +56,12 @@ class ForkedProcess:
       reply = self._server.read_reply(timeout, argv=[str(self.pid)])
       self.returncode = reply["exit"]
     return self.returncode
+
+  def poll(self) -> Optional[int]:
+    try:
+      return self.wait(timeout=0)
+    except subprocess.TimeoutExpired:
+      return None
 
   def kill(self) -> None:
     if self.returncode is None:
