@@ -63,6 +63,13 @@ atexit.register(shutil.rmtree, _LOGS, ignore_errors=True)
 _SERVERS: Dict[Tuple[Tuple[str, str], ...], List[ForkServer]] = {}
 
 
+def _new_log() -> str:
+  """The path of a new empty file under _LOGS."""
+  fd, path = tempfile.mkstemp(suffix=".log", dir=_LOGS)
+  os.close(fd)
+  return path
+
+
 def _fork_servers(env: Dict[str, str], count: int) -> List[ForkServer]:
   """`count` fork servers started with `env` (started once, closed when the tests end)."""
   servers = _SERVERS.setdefault(tuple(sorted(env.items())), [])
@@ -76,8 +83,8 @@ _FORKED: List[ForkedProcess] = []  # every forked process, killed at the end if 
 
 @atexit.register
 def _close_fork_servers() -> None:
-  """After a failed test's processes (a server serves its next request, or its end of input,
-  only once its child has ended)."""
+  """Kills the forked processes still running (a failed test's), then closes the servers: a
+  server reads its end of input only once its child has ended."""
   for process in _FORKED:
     if process.poll() is None:
       process.kill()
@@ -106,7 +113,7 @@ class Pod:
     commands = [list(argv) + list((process_args or {}).get(i, ()))
                 + (pod_flags(port, num_processes, i) if distributed else [])
                 for i in range(num_processes)]
-    self.logs = [tempfile.mkstemp(suffix=".log", dir=_LOGS)[1] for _ in commands]
+    self.logs = [_new_log() for _ in commands]
     if forked and _python_m(argv):
       servers = _fork_servers(env, num_processes)
       self.processes = [server.start(_python_m(command), log)
